@@ -1,0 +1,38 @@
+# skin-twin: the two quick-start commands are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+# No progress bars or telemetry from the tools in non-interactive runs.
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+
+.PHONY: setup run test test-fast bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv from the lock file
+
+run: setup  ## the main job end to end on the project's own synthetic data
+	$(BIN)/dvc repro
+
+test: setup  ## all test tiers
+	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## unit and data-contract tests only
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/pairs_bench.py
+
+clean:
+	rm -rf data models reports runs mlflow .dvc/tmp .dvc/cache

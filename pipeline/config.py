@@ -1,0 +1,329 @@
+"""The one typed configuration of the pipeline, read from ``params.yaml``.
+
+Every value a stage uses lives here. ``load_config`` reads the YAML file, applies
+``--set dotted.key=value`` overrides (values parsed as YAML, so ``--set train.epochs=3``
+gives an int) and validates the result with pydantic. An unknown key, a wrong type or an
+impossible value raises :class:`ConfigError` whose message names the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.labels import CLASSES
+
+
+class ConfigError(ValueError):
+    """A bad ``params.yaml`` or override; the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PathsConfig(_Section):
+    # Every artifact of one pipeline run lives below work_dir (see pipeline.layout).
+    work_dir: str = "."
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
+        return self
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "ham10000", "isic_csv", "imagefolder"] = "synthetic"
+    # Data root. For `synthetic`, null means <work_dir>/data/synthetic (generated there).
+    root: str | None = None
+    # isic_csv only: path of the ground-truth CSV (one-hot MEL NV BCC AKIEC BKL DF VASC).
+    csv: str | None = None
+    split: SplitConfig = SplitConfig()
+
+
+class SyntheticConfig(_Section):
+    images_per_class: int = Field(40, ge=2)
+    # Optional per-class counts overriding images_per_class, e.g. {nv: 120, df: 10}.
+    class_counts: dict[str, int] = {}
+    image_size: int = Field(128, ge=32, le=2048)
+    # Images per lesion (group_id); >1 gives several views of the same lesion.
+    images_per_lesion: int = Field(1, ge=1)
+
+    @field_validator("class_counts")
+    @classmethod
+    def _known_classes(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(set(v) - set(CLASSES))
+        if bad:
+            raise ValueError(f"unknown class(es) {bad}; allowed {list(CLASSES)}")
+        if any(n < 0 for n in v.values()):
+            raise ValueError("class counts must be >= 0")
+        return v
+
+
+class ValidateConfig(_Section):
+    min_train_per_class: int = Field(2, ge=1)
+    min_width: int = Field(32, ge=1)
+    min_height: int = Field(32, ge=1)
+    max_width: int = Field(10000, ge=1)
+    max_height: int = Field(10000, ge=1)
+    # Images larger than this many pixels are refused before decoding (decompression bombs).
+    max_pixels: int = Field(40_000_000, ge=1)
+    allowed_modes: list[str] = ["RGB"]
+    workers: int = Field(2, ge=1)
+    # Number of example offending rows printed per failed expectation.
+    examples: int = Field(5, ge=1)
+
+
+class AugmentConfig(_Section):
+    # Training resolution (square); every split is resized to it.
+    image_size: int = Field(64, ge=16, le=1024)
+    # Augmented copies per train image (before class balancing).
+    copies: int = Field(2, ge=1)
+    # More copies for rarer classes: copies * (n_max / n_class), capped at max_copies.
+    balance: bool = True
+    max_copies: int = Field(8, ge=1)
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotation: float = Field(180.0, ge=0, le=180)
+    scale_min: float = Field(0.9, gt=0)
+    scale_max: float = Field(1.1, gt=0)
+    translate: float = Field(0.05, ge=0, le=0.5)
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.02, ge=0, le=0.5)
+    # Also keep the resized original of each train image among its copies.
+    keep_original: bool = True
+    workers: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AugmentConfig":
+        if self.scale_min > self.scale_max:
+            raise ValueError("scale_min must be <= scale_max")
+        if self.max_copies < self.copies:
+            raise ValueError("max_copies must be >= copies")
+        return self
+
+
+class PairsConfig(_Section):
+    # Pair-manifest epochs (the train stage uses one pair epoch per training epoch, cycling).
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=2)
+    # Target share of positive (same-class) pairs in each epoch.
+    positive_fraction: float = Field(0.5, ge=0, le=1)
+    tolerance: float = Field(0.02, ge=0, le=0.5)
+    # What to do with fixed points of the patent permutation: drop them or re-pair randomly.
+    fixed_points: Literal["drop", "repair"] = "repair"
+
+
+class ModelConfig(_Section):
+    stem_channels: int = Field(16, ge=4)
+    # Shared feature extractor: (expansion, out_channels, repeats, stride) per stage.
+    extractor: list[tuple[int, int, int, int]] = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2)]
+    # Each branch (own weights): same format, continuing from the extractor's output.
+    branch: list[tuple[int, int, int, int]] = [(4, 64, 2, 2), (4, 96, 2, 2)]
+    # 1x1 conv before GAP; this is the feature map used for CAM.
+    head_channels: int = Field(256, ge=8)
+    discriminator_hidden: int = Field(128, ge=4)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class LossConfig(_Section):
+    A: float = Field(1.0, ge=0)
+    B: float = Field(1.0, ge=0)
+    C: float = Field(0.5, ge=0)
+    gamma: float = Field(2.0, ge=0)
+    # Per-class focal alpha: null, "balanced" (inverse frequency, mean 1) or a list of 7 floats.
+    alpha: None | Literal["balanced"] | list[float] = None
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_len(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) != len(CLASSES):
+            raise ValueError(f"alpha needs {len(CLASSES)} values, got {len(v)}")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    # "auto" picks CUDA when present, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler).
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+    # Light online augmentation on cached tensors (random flips).
+    online_flip: bool = True
+    # Threads for CPU training; 0 lets torch decide.
+    cpu_threads: int = Field(0, ge=0)
+    progress: bool = True
+
+
+class EvaluateConfig(_Section):
+    # CAM sample images written per class (correct and wrong each).
+    cam_per_class: int = Field(2, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class MlflowConfig(_Section):
+    # MLFLOW_TRACKING_URI wins over this. Relative sqlite paths are relative to the project root.
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "skin-twin"
+
+
+class RegistryConfig(_Section):
+    model_name: str = "skin-twin"
+    # Challenger must beat champion's balanced accuracy by at least this much.
+    margin: float = Field(0.0, ge=0, le=1)
+    # And clear this absolute balanced-accuracy floor.
+    floor: float = Field(0.2, ge=0, le=1)
+
+
+class AirflowConfig(_Section):
+    # Cron schedule; null with schedule_on_asset=true triggers on the raw-data Asset instead.
+    schedule: str | None = None
+    schedule_on_asset: bool = False
+    gpu_queue: str = "gpu"
+    gpu_pool: str = "gpu"
+    gpu_pool_slots: int = Field(1, ge=1)
+    retries: int = Field(2, ge=0)
+    retry_delay_s: int = Field(30, ge=0)
+    max_active_runs: int = Field(1, ge=1)
+    # Per-run work directories are created below this folder.
+    runs_dir: str = "runs"
+
+
+class Config(_Section):
+    seed: int = 42
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    augment: AugmentConfig = AugmentConfig()
+    pairs: PairsConfig = PairsConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
+    airflow: AirflowConfig = AirflowConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validate_cfg(self) -> ValidateConfig:
+        return self.validate_
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params and lineage."""
+        return flatten(self.to_dict())
+
+    def digest(self) -> str:
+        """Content hash of the whole config (sha256 of canonical JSON)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return _validate(raw, source="<overrides>")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML: {exc}") from exc
+    return key, parsed
+
+
+def _validate(raw: Any, source: str) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+            loc = loc.replace("validate_", "validate")
+            lines.append(f"  {loc or '<root>'}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read ``params.yaml``, apply overrides, validate. Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        _set_dotted(raw, key, value)
+    return _validate(raw, source=str(path))
