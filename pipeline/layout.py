@@ -94,3 +94,16 @@ class Layout:
     def tracking_record(self) -> Path:
         """MLflow run id, model version and gate decision of this pipeline run."""
         return self.reports_dir / "mlflow.json"
+
+
+def data_root(cfg: Config) -> Path:
+    """The folder the manifest's ``path`` column is relative to.
+
+    ``data.root`` when set; for the ``synthetic`` source with no root, the generated folder
+    ``<work_dir>/data/synthetic``.
+    """
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    if cfg.data.source == "synthetic":
+        return Layout.from_config(cfg).synthetic_dir
+    raise ValueError(f"data.root must be set for data.source={cfg.data.source!r}")
