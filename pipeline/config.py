@@ -82,10 +82,20 @@ class ValidateConfig(_Section):
     max_height: int = Field(10000, ge=1)
     # Images larger than this many pixels are refused before decoding (decompression bombs).
     max_pixels: int = Field(40_000_000, ge=1)
-    allowed_modes: list[str] = ["RGB"]
+    allowed_modes: list[str] = Field(["RGB"], min_length=1)
     workers: int = Field(2, ge=1)
     # Number of example offending rows printed per failed expectation.
     examples: int = Field(5, ge=1)
+    # Number of example offending rows kept per failed expectation in result.json / summary.html.
+    report_examples: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ValidateConfig":
+        if self.min_width > self.max_width:
+            raise ValueError("min_width must be <= max_width")
+        if self.min_height > self.max_height:
+            raise ValueError("min_height must be <= max_height")
+        return self
 
 
 class AugmentConfig(_Section):
@@ -187,7 +197,8 @@ class EvaluateConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    # MLFLOW_TRACKING_URI wins over this. Relative sqlite paths are relative to the project root.
+    # MLFLOW_TRACKING_URI wins over this. Relative sqlite paths (and artifact_root) are resolved
+    # against the current directory (the project root for dvc repro / the CLI); folders are created.
     tracking_uri: str = "sqlite:///mlflow/mlflow.db"
     artifact_root: str = "mlflow/artifacts"
     experiment: str = "skin-twin"
