@@ -1,0 +1,144 @@
+"""Throughput of the twin network: training pairs/s and inference ms/image (batch 1 and 256).
+
+Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inputs (the data
+pipeline is not measured: training reads a decoded uint8 cache). Runs on CPU and, when present,
+on CUDA (with the same AMP / channels_last choices as :mod:`pipeline.train`). Prints a table and
+writes ``bench/results/throughput.json`` (gitignored).
+
+    python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.fileio import write_json  # noqa: E402
+from pipeline.labels import NUM_CLASSES  # noqa: E402
+from pipeline.losses import joint_loss  # noqa: E402
+from pipeline.model import build_twin, count_parameters, inference_model  # noqa: E402
+from pipeline.train import build_optimizer, float_output, resolve_device  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(cfg, device_name: str, steps: int, warmup: int) -> dict:
+    ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
+    torch.manual_seed(0)
+    twin = build_twin(cfg.model, NUM_CLASSES).to(ds.device)
+    if ds.channels_last:
+        twin.to(memory_format=torch.channels_last)
+    twin.train()
+    opt = build_optimizer(twin.parameters(), cfg.train)
+    scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
+    bs, s = cfg.train.batch_size, cfg.augment.image_size
+    mf = torch.channels_last if ds.channels_last else torch.contiguous_format
+    x1 = torch.randn(bs, 3, s, s, device=ds.device).contiguous(memory_format=mf)
+    x2 = torch.randn(bs, 3, s, s, device=ds.device).contiguous(memory_format=mf)
+    y1 = torch.randint(0, NUM_CLASSES, (bs,), device=ds.device)
+    y2 = torch.randint(0, NUM_CLASSES, (bs,), device=ds.device)
+
+    def step() -> None:
+        with ds.autocast():
+            out = twin(x1, x2)
+        out = float_output(out)
+        loss = joint_loss(out, y1, y2, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss.total).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    _sync(ds.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(ds.device)
+    dt = time.perf_counter() - t0
+    return {"device": ds.describe(), "batch_pairs": bs, "steps": steps, "pairs_per_s": bs * steps / dt}
+
+
+@torch.no_grad()
+def bench_infer(cfg, device_name: str, batch: int, iters: int, warmup: int) -> dict:
+    ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
+    torch.manual_seed(0)
+    model = inference_model(build_twin(cfg.model, NUM_CLASSES), 0).eval().to(ds.device)
+    if ds.channels_last:
+        model.to(memory_format=torch.channels_last)
+    s = cfg.augment.image_size
+    x = torch.randn(batch, 3, s, s, device=ds.device)
+    if ds.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(warmup):
+        with ds.autocast():
+            model(x)
+    _sync(ds.device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        with ds.autocast():
+            model(x)
+    _sync(ds.device)
+    dt = time.perf_counter() - t0
+    return {"device": ds.describe(), "batch": batch, "iters": iters, "ms_per_image": dt / (iters * batch) * 1000,
+            "images_per_s": iters * batch / dt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps")
+    ap.add_argument("--device", action="append", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    ns = ap.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    cfg = load_config(ns.params, ns.overrides)
+    devices = ns.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    twin = build_twin(cfg.model, NUM_CLASSES)
+    result = {
+        "image_size": cfg.augment.image_size,
+        "params_train": count_parameters(twin),
+        "params_inference": count_parameters(inference_model(twin, 0)),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "runs": [],
+    }
+    for dev in devices:
+        fast = dev == "cuda"
+        tr = bench_train(cfg, dev, ns.steps * (5 if fast else 1), warmup=10 if fast else 3)
+        result["runs"].append({"kind": "train", **tr})
+        for batch in (1, 256):
+            iters = (200 if batch == 1 else 20) if fast else (50 if batch == 1 else 3)
+            result["runs"].append({"kind": "infer", **bench_infer(cfg, dev, batch, iters, warmup=10 if fast else 2)})
+    print(f"params: train {result['params_train']:,}  inference {result['params_inference']:,}  "
+          f"image {result['image_size']}px  torch {result['torch']}  threads {result['cpu_threads']}")
+    print(f"{'what':<22}{'device':<30}{'value':>14}")
+    for r in result["runs"]:
+        if r["kind"] == "train":
+            print(f"{'train (batch ' + str(r['batch_pairs']) + ')':<22}{r['device']:<30}{r['pairs_per_s']:>10.1f} pairs/s")
+        else:
+            print(f"{'infer batch ' + str(r['batch']):<22}{r['device']:<30}{r['ms_per_image']:>10.3f} ms/img")
+    write_json(ns.out, result)
+    print(f"wrote {ns.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
