@@ -1,0 +1,143 @@
+"""Predict stage: CSV contract on images of any size/mode, skipping unreadable files, the pure core."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import DataError
+from pipeline.labels import CLASSES
+from test_train import tiny_cfg
+
+COLUMNS = ["image_id", "label", *CLASSES]
+
+
+@pytest.fixture
+def export_dir(tmp_path: Path) -> Path:
+    """An exported (untrained, seeded) tiny inference model."""
+    from pipeline.export import build_meta, export_inference
+    from pipeline.model import build_twin, count_parameters, inference_model
+
+    cfg = tiny_cfg(tmp_path)
+    torch.manual_seed(0)
+    inf = inference_model(build_twin(cfg.model, 7), 0).eval()
+    best = {"model_config": cfg.model.model_dump(mode="json"), "num_classes": 7, "image_size": 32, "epoch": 1,
+            "val_loss_branch1": 0.1, "val_loss_branch2": 0.2}
+    folder = tmp_path / "export"
+    folder.mkdir()
+    export_inference(inf, build_meta(best, 1, count_parameters(inf)), folder)
+    return folder
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    files = {}
+    rgb = rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)
+    files["rgb"] = folder / "rgb.png"
+    Image.fromarray(rgb).save(files["rgb"])
+    files["gray"] = folder / "sub" / "gray.png"
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), mode="L").save(files["gray"])
+    files["rgba"] = folder / "rgba.png"
+    Image.fromarray(rng.integers(0, 255, (33, 31, 4), dtype=np.uint8), mode="RGBA").save(files["rgba"])
+    files["deep"] = folder / "deep16.png"
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(files["deep"])
+    files["cmyk"] = folder / "sub" / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(files["cmyk"], quality=90)
+    files["big"] = folder / "big.jpeg"
+    Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(files["big"])
+    return files
+
+
+def test_predict_csv_contract(tmp_path: Path, export_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.predict import run_predict
+
+    files = _images(tmp_path / "imgs")
+    assert Image.open(files["deep"]).mode.startswith("I;16")
+    assert Image.open(files["cmyk"]).mode == "CMYK"
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "pred.csv"
+    summary = run_predict(tiny_cfg(tmp_path), str(export_dir), str(tmp_path / "imgs"), str(out), None)
+    assert summary["images"] == len(files) and summary["skipped"] == 1
+    assert "broken.jpg" in capsys.readouterr().err
+    df = pd.read_csv(out)
+    assert list(df.columns) == COLUMNS
+    assert sorted(df["image_id"]) == sorted(p.stem for p in files.values())
+    probs = df[list(CLASSES)].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert (probs >= 0).all()
+    assert list(df["label"]) == [CLASSES[i] for i in probs.argmax(axis=1)]
+
+
+def test_predict_proba_matches_stage_and_any_size(tmp_path: Path, export_dir: Path) -> None:
+    from pipeline.export import load_exported
+    from pipeline.predict import predict_proba, run_predict
+    from pipeline.preprocess import load_rgb
+
+    files = _images(tmp_path / "imgs")
+    exported = load_exported(export_dir)
+    arrays = [np.asarray(load_rgb(p)) for p in files.values()]
+    assert len({a.shape for a in arrays}) > 2
+    probs = predict_proba(exported, arrays)
+    assert probs.shape == (len(arrays), 7)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    out = tmp_path / "p.csv"
+    run_predict(tiny_cfg(tmp_path), str(export_dir), str(tmp_path / "imgs"), str(out))
+    df = pd.read_csv(out).set_index("image_id")
+    for p, row in zip(files.values(), probs, strict=True):
+        assert np.allclose(df.loc[p.stem, list(CLASSES)].to_numpy(dtype=float), row, atol=1e-5)
+    # single file input, grayscale array input
+    one = run_predict(tiny_cfg(tmp_path), str(export_dir), str(files["rgb"]), str(tmp_path / "one.csv"))
+    assert one["images"] == 1
+    gray = predict_proba(exported, [np.zeros((10, 12), np.uint8)])
+    assert gray.shape == (1, 7)
+    with pytest.raises(DataError, match="uint8"):
+        predict_proba(exported, [np.zeros((10, 12, 3), np.float32)])
+
+
+def test_all_unreadable_is_an_error(tmp_path: Path, export_dir: Path) -> None:
+    from pipeline.cli import main
+    from pipeline.predict import run_predict
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"nope")
+    (folder / "b.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 2"):
+        run_predict(tiny_cfg(tmp_path), str(export_dir), str(folder), str(tmp_path / "x.csv"))
+    assert not (tmp_path / "x.csv").exists()
+    rc = main(["predict", "--set", f"paths.work_dir={tmp_path}", "--model", str(export_dir), "--images", str(folder),
+               "--out", str(tmp_path / "x.csv")])
+    assert rc == 1
+    with pytest.raises(DataError, match="model folder not found"):
+        run_predict(tiny_cfg(tmp_path), str(tmp_path / "missing"), str(folder), str(tmp_path / "x.csv"))
+
+
+def test_registry_uri_and_cams(tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.predict import run_predict
+
+    seen = {}
+
+    def download_model(uri: str, cfg: object) -> Path:
+        seen["uri"] = uri
+        return export_dir
+
+    monkeypatch.setitem(sys.modules, "pipeline.registry", types.SimpleNamespace(download_model=download_model))
+    files = _images(tmp_path / "imgs")
+    cams = tmp_path / "cams"
+    summary = run_predict(tiny_cfg(tmp_path), "models:/skin-twin@champion", str(tmp_path / "imgs"),
+                          str(tmp_path / "p.csv"), str(cams))
+    assert seen["uri"] == "models:/skin-twin@champion"
+    assert summary["images"] == len(files)
+    pngs = sorted(p.stem for p in cams.glob("*.png"))
+    assert pngs == sorted(p.stem for p in files.values())
+    with Image.open(cams / "rgb.png") as im:
+        assert im.size[0] >= 32 and im.mode in ("RGB", "RGBA")
