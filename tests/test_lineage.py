@@ -1,0 +1,126 @@
+"""Lineage: content digests, git/DVC/Airflow sources, and the full chain of a registered version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mlflow_server import fake_score, make_cfg, make_run
+from pipeline.lineage import airflow_context, content_digest, dvc_lock_hashes, format_chain, git_info
+
+
+def test_content_digest_is_about_images_and_labels_only() -> None:
+    df = pd.DataFrame({"sha256": ["a", "b", "c"], "label": ["nv", "mel", "nv"], "path": ["1", "2", "3"]})
+    d = content_digest(df)
+    assert len(d) == 64
+    shuffled = df.iloc[[2, 0, 1]].assign(path=["x", "y", "z"])
+    assert content_digest(shuffled) == d  # order and paths do not matter
+    assert content_digest(df.assign(label=["nv", "mel", "bcc"])) != d  # a relabel does
+    assert content_digest(df.assign(sha256=["a", "b", "d"])) != d  # so does a changed image
+
+
+def test_dvc_lock_hashes(tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  ingest:\n    cmd: python -m pipeline ingest\n    outs:\n"
+        "    - path: data/manifest.parquet\n      hash: md5\n      md5: 0123abc\n      size: 10\n"
+        "  train:\n    outs:\n    - path: models/train\n      md5: 99ff.dir\n"
+    )
+    assert dvc_lock_hashes(lock) == {"ingest:data/manifest.parquet": "0123abc", "train:models/train": "99ff.dir"}
+    assert dvc_lock_hashes(tmp_path / "absent.lock") == {}
+
+
+def test_git_info_from_repo_and_env_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, project_root: Path) -> None:
+    head = subprocess.run(["git", "-C", str(project_root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        info = git_info(project_root)
+        assert info["commit"] == head.stdout.strip() and info["source"] == "git" and isinstance(info["dirty"], bool)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setenv("SKIN_TWIN_GIT_COMMIT", "c0ffee")
+    monkeypatch.setenv("SKIN_TWIN_GIT_DIRTY", "false")
+    assert git_info(tmp_path) == {"commit": "c0ffee", "dirty": False, "source": "env"}
+    monkeypatch.delenv("SKIN_TWIN_GIT_COMMIT")
+    assert git_info(tmp_path)["commit"] == "unknown"
+
+
+def test_airflow_context_env_and_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TRY_NUMBER"):
+        monkeypatch.delenv(k, raising=False)
+    assert airflow_context() == {}
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "skin_twin")
+    monkeypatch.setenv("AIRFLOW_CTX_TRY_NUMBER", "1")
+    assert airflow_context(dag_run_id="r1") == {"dag_id": "skin_twin", "dag_run_id": "r1", "try_number": "1"}
+
+
+def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    pytest.importorskip("pipeline.model", reason="pipeline.model not written yet")
+    import pipeline.evaluate as evaluate
+    from pipeline import lineage
+    from pipeline.registry import run_register
+    from pipeline.tracking import run_track
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "skin_twin")
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "scheduled__2026-01-05")
+    monkeypatch.setenv("AIRFLOW_CTX_TRY_NUMBER", "1")
+    # a dvc.lock at the "project root"
+    fake_root = tmp_path / "project"
+    fake_root.mkdir()
+    (fake_root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  augment:\n    outs:\n    - path: data/augmented\n      md5: abc.dir\n")
+    monkeypatch.setattr(lineage, "PROJECT_ROOT", fake_root)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setenv("SKIN_TWIN_GIT_COMMIT", "feedface")
+    monkeypatch.setenv("SKIN_TWIN_GIT_DIRTY", "true")
+    monkeypatch.setattr(evaluate, "score_model", fake_score())
+
+    cfg = make_cfg(tmp_path, **{"registry.floor": 0.1})
+    make_run(cfg, seed=3, fake_ba=0.5)
+    tracked = run_track(cfg)
+    reg = run_register(cfg)
+    capsys.readouterr()
+
+    uri = f"models:/{cfg.registry.model_name}@champion"
+    chain = lineage.run_lineage(cfg, uri)
+    printed = capsys.readouterr().out
+    assert lineage.run_lineage(cfg, f"models:/{cfg.registry.model_name}/{reg['version']}") == chain
+
+    work = Path(cfg.paths.work_dir)
+    manifest = pd.read_parquet(work / "data" / "validated.parquet")
+    assert chain["model"]["version"] == "1" and "champion" in chain["model"]["aliases"]
+    assert chain["model"]["model_id"] == tracked["model_id"]
+    assert chain["model"]["gate"]["decision"] == "promoted"
+    assert chain["run"]["run_id"] == tracked["run_id"] and chain["run"]["work_dir"] == str(work.resolve())
+    assert chain["code"] == {"commit": "feedface", "dirty": "true", "source": "env", "package_version": "0.1.0"}
+    assert chain["params"]["digest"] == cfg.digest() and chain["params"]["values"]["augment.image_size"] == "32"
+    for split in ("train", "val", "test"):
+        full = content_digest(manifest[manifest["split"] == split])
+        d = chain["data"][split]
+        assert d["tag_digest"] == full and full.startswith(d["digest"])
+        assert d["source"].endswith("validated.parquet") and int(d["rows"]) == 7 * {"train": 3, "val": 2, "test": 2}[split]
+    assert chain["dvc"]["augment.data/augmented"] == "abc.dir"
+    assert chain["validation"]["success"] == "true"
+    assert chain["validation"]["digest"] == lineage.file_sha256(work / "reports" / "validation" / "result.json")
+    assert chain["pairs"]["summary_digest"] == lineage.file_sha256(work / "reports" / "pairs_summary.json")
+    assert chain["airflow"] == {"dag_id": "skin_twin", "dag_run_id": "scheduled__2026-01-05", "try_number": "1"}
+    for needle in ("-> run", "-> code  feedface (uncommitted changes)", "-> params", "-> data", "-> validation success=true",
+                   "-> pairs", "-> airflow dag skin_twin run scheduled__2026-01-05 try 1"):
+        assert needle in printed, needle
+    assert format_chain(chain) in printed
+    json.dumps(chain)  # JSON-able for the CLI
+
+
+def test_lineage_cli_unknown_model_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, params_path: Path) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc = main([
+        "lineage", "--params", str(params_path), "--model", "models:/nope@champion",
+        "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "--set", f"mlflow.artifact_root={tmp_path / 'a'}",
+    ])
+    assert rc == 1
+    assert "not found in the registry" in capsys.readouterr().err
