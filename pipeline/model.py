@@ -35,7 +35,8 @@ Design choices, and how they relate to the patent:
   order-dependent rule, and the pair generator's positive pairs are built by a swap, i.e. they
   appear in both orders. ``|a-b|`` measures distance, ``a*b`` agreement of active channels.
   Output: 2 logits, index 1 = "same class".
-* Weights: kaiming-normal (fan_out) for convs, BN gamma 1 / beta 0, except the BN after the
+* Weights: kaiming-normal for convs (fan_out; per-group fan_in for depthwise convs), BN gamma 1 /
+  beta 0, except the BN after the
   projection conv of residual blocks, whose gamma starts at 0 so each residual block starts as
   the identity (Goyal et al. 2017); small normal init for linear layers.
 """
@@ -111,7 +112,12 @@ def _stages(cin: int, spec: StageSpec) -> tuple[nn.Sequential, int]:
 def _init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            # Depthwise convs: PyTorch's fan_out for a (C, 1, k, k) weight is C*k*k although each
+            # output sees only k*k inputs, which would shrink activations by ~1/sqrt(C) per block
+            # and make eval-mode outputs image-independent early in training. Use the per-group
+            # fan_in (k*k) there so the signal scale is preserved.
+            depthwise = m.groups > 1 and m.groups == m.in_channels
+            nn.init.kaiming_normal_(m.weight, mode="fan_in" if depthwise else "fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
