@@ -128,9 +128,11 @@ def test_dvc_repro_end_to_end(repo_copy: Path) -> None:
     status = _dvc(repo_copy, "status", "--json")
     assert json.loads(status.stdout or "{}") == {}
 
-    # Changing one evaluate-only parameter re-runs evaluate and nothing upstream.
+    assert json.loads((repo_copy / "reports" / "mlflow.json").read_text())["registry"]["version"]
+
+    # Changing one evaluate-only parameter re-runs evaluate (and publishing), nothing upstream.
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["evaluate"]["cam_per_class"] = 2
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _dvc(repo_copy, "repro")
-    assert _ran(third.stdout) == {"evaluate"}
+    assert _ran(third.stdout) == {"evaluate", "publish"}
