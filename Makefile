@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run repro test test-fast bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -22,7 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)  ## create .venv from the lock file
 
-run: setup  ## the main job end to end on the project's own synthetic data
+run: setup  ## the main job: the Airflow DAG end to end on the project's own synthetic data
+	$(BIN)/python -m pipeline.localrun
+
+repro: setup  ## the same stages with DVC (data scientists' loop)
 	$(BIN)/dvc repro
 
 test: setup  ## all test tiers
@@ -31,8 +34,9 @@ test: setup  ## all test tiers
 test-fast: setup  ## unit and data-contract tests only
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup  ## speed benchmarks (quality: see bench/README.md)
 	$(BIN)/python bench/pairs_bench.py
+	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf data models reports runs mlflow .dvc/tmp .dvc/cache
+	rm -rf data models reports runs mlflow airflow_home .dvc/tmp .dvc/cache
