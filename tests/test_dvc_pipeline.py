@@ -130,9 +130,12 @@ def test_dvc_repro_end_to_end(repo_copy: Path) -> None:
 
     assert json.loads((repo_copy / "reports" / "mlflow.json").read_text())["registry"]["version"]
 
-    # Changing one evaluate-only parameter re-runs evaluate (and publishing), nothing upstream.
+    # Changing one evaluate-only parameter re-runs evaluate (and at most publish), nothing upstream.
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["evaluate"]["cam_per_class"] = 2
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _dvc(repo_copy, "repro")
-    assert _ran(third.stdout) == {"evaluate", "publish"}
+    ran = _ran(third.stdout)
+    assert "evaluate" in ran
+    # publish re-runs only if evaluate's outputs it depends on changed; nothing upstream re-runs.
+    assert ran <= {"evaluate", "publish"}, ran
