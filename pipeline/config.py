@@ -131,7 +131,7 @@ class AugmentConfig(_Section):
 
 class PairsConfig(_Section):
     # Pair-manifest epochs (the train stage uses one pair epoch per training epoch, cycling).
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=2)
     # Target share of positive (same-class) pairs in each epoch.
     positive_fraction: float = Field(0.5, ge=0, le=1)
@@ -169,7 +169,7 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)

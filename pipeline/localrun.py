@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _DAG_TEST = r"""
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])
 if bag.import_errors:
     print("DAG import errors: " + json.dumps(bag.import_errors), file=sys.stderr)
     sys.exit(3)
