@@ -40,6 +40,7 @@ import pandas as pd
 
 import pipeline
 from pipeline.config import Config
+from pipeline.digests import file_sha256, path_sha256
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
 from pipeline.manifest import SPLITS
@@ -79,31 +80,6 @@ def content_digest(df: pd.DataFrame) -> str:
     h = hashlib.sha256()
     for sha, label in rows:
         h.update(f"{sha}\t{label}\n".encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def folder_sha256(path: str | Path) -> str | None:
-    """sha256 over (relative name, file sha256) of every non-hidden file below ``path``."""
-    path = Path(path)
-    if not path.is_dir():
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(f"{rel.as_posix()}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -249,7 +225,7 @@ def lineage_tags(
         f"{TAG}params_digest": cfg.digest(),
         f"{TAG}version": pipeline.__version__,
         f"{TAG}work_dir": str(layout.work_dir.resolve()),
-        f"{TAG}export_digest": folder_sha256(layout.export_dir),
+        f"{TAG}export_digest": path_sha256(layout.export_dir),
     }
     if git["commit"] != "unknown":
         tags["mlflow.source.git.commit"] = git["commit"]

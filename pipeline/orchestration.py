@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.digests import path_sha256
 from pipeline.errors import PipelineError
 from pipeline.layout import Layout
 
@@ -207,34 +208,7 @@ def run_config(
     return built
 
 
-# --------------------------------------------------------------------------- digests
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def digest_path(path: str | Path) -> str | None:
-    """sha256 of a file; of a folder, sha256 over its sorted (relative path, file sha256) list.
-
-    Hidden entries (atomic-write temporaries) are ignored. ``None`` when the path does not exist.
-    """
-    path = Path(path)
-    if path.is_file():
-        return _file_sha256(path)
-    if not path.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(f"{rel.as_posix()}\0{_file_sha256(f)}\n".encode())
-    return h.hexdigest()
+# --------------------------------------------------------------------------- outputs
 
 
 def stage_outputs(task: str, layout: Layout) -> dict[str, Path]:
@@ -336,7 +310,7 @@ def run_stage(
         "config_digest": cfg.digest(),
         "seconds": round(time.perf_counter() - t0, 3),
         "outputs": {k: str(p) for k, p in outputs.items()},
-        "digests": {k: digest_path(p) for k, p in outputs.items()},
+        "digests": {k: path_sha256(p) for k, p in outputs.items()},
         "result": results[task] if len(results) == 1 and task in results else results,
     }
     return json.loads(json.dumps(summary, default=str))

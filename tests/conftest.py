@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,15 @@ def tiny_config(params_path: Path, tiny_overrides: dict[str, object]):
     from pipeline.config import load_config
 
     return load_config(params_path, tiny_overrides)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URI of a real ``mlflow server`` on 127.0.0.1 (own SQLite + artifact folder), one per module."""
+    from mlflow_server import start_server
+
+    srv = start_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield srv.uri
+    finally:
+        srv.stop()

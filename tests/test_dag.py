@@ -29,6 +29,7 @@ from airflow_env import (
 )
 from pipeline import orchestration as orch
 from pipeline.config import ConfigError, load_config
+from pipeline.digests import path_sha256
 
 
 EXPECTED_CHAIN = ["ingest", "validate", "augment", "pairs", "train", "select", "evaluate", "track", "register"]
@@ -84,13 +85,13 @@ def test_digests_of_files_and_folders(tmp_path: Path) -> None:
     (d / "a.bin").write_bytes(b"abc")
     (d / "sub").mkdir()
     (d / "sub" / "b.json").write_text("{}")
-    first = orch.digest_path(d)
+    first = path_sha256(d)
     (d / ".tmp.partial").write_bytes(b"ignored")  # atomic-write temporaries do not count
-    assert orch.digest_path(d) == first
+    assert path_sha256(d) == first
     (d / "a.bin").write_bytes(b"abd")
-    assert orch.digest_path(d) != first
-    assert orch.digest_path(d / "a.bin") == orch.digest_path(d / "a.bin") and len(orch.digest_path(d / "a.bin")) == 64
-    assert orch.digest_path(tmp_path / "missing") is None
+    assert path_sha256(d) != first
+    assert path_sha256(d / "a.bin") == path_sha256(d / "a.bin") and len(path_sha256(d / "a.bin")) == 64
+    assert path_sha256(tmp_path / "missing") is None
     summary = {"run_id": "r", "outputs": {"metrics": str(tmp_path / "m.json")}, "digests": {}, "result": {"n": 1}}
     (tmp_path / "m.json").write_text(json.dumps({"balanced_accuracy": 0.5, "per_class": {"nv": 1}}))
     extra = orch.asset_extra("evaluate", summary)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 
 pytest.importorskip("pipeline.model", reason="pipeline.model not written yet")
 
-from mlflow_server import fake_score, make_cfg, make_run, start_server  # noqa: E402
+from mlflow_server import fake_score, make_cfg, make_run  # noqa: E402
 
 from pipeline.registry import gate_decision, parse_model_uri  # noqa: E402
 
@@ -62,15 +61,6 @@ def test_parse_model_uri() -> None:
 # --------------------------------------------------------------------------------------------
 # stores
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    srv = start_server(tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        yield srv.uri
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("server", marks=pytest.mark.slow)])

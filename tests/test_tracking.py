@@ -8,14 +8,13 @@ time.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from mlflow_server import make_cfg, make_run, start_server
+from mlflow_server import make_cfg, make_run
 from pipeline.tracking import (
     build_report,
     final_metrics,
@@ -84,15 +83,6 @@ def test_build_report_inlines_plots_and_shows_status(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # end to end
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    srv = start_server(tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        yield srv.uri
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("server", marks=pytest.mark.slow)])
