@@ -57,7 +57,6 @@ def test_airflow_context_env_and_explicit(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    pytest.importorskip("pipeline.model", reason="pipeline.model not written yet")
     import pipeline.evaluate as evaluate
     from pipeline import lineage
     from pipeline.registry import run_register

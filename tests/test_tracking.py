@@ -87,7 +87,6 @@ def test_build_report_inlines_plots_and_shows_status(tmp_path: Path) -> None:
 
 @pytest.fixture(params=["sqlite", pytest.param("server", marks=pytest.mark.slow)])
 def tracked(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    pytest.importorskip("pipeline.model", reason="pipeline.model not written yet")
     from pipeline.tracking import run_track
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -195,7 +194,6 @@ def test_rerun_reuses_the_run_and_logs_nothing_twice(tracked) -> None:
 
 
 def test_airflow_context_is_tagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("pipeline.model", reason="pipeline.model not written yet")
     from pipeline.tracking import client_for, run_track
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
