@@ -23,9 +23,10 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP)  ## create .venv from the lock file
 
 run: setup  ## the main job: the Airflow DAG end to end on the project's own synthetic data
-	$(BIN)/python -m pipeline.localrun
+	$(BIN)/python -m pipeline.app.localrun
 
-repro: setup  ## the same stages with DVC (data scientists' loop)
+repro: setup  ## the same stages with DVC (data scientists' loop); dvc.yaml regenerated for params.yaml first
+	$(BIN)/python -m pipeline dvc-yaml
 	$(BIN)/dvc repro
 
 test: setup  ## all test tiers

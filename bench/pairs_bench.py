@@ -1,4 +1,4 @@
-"""Speed of the patent's pair generator (``pipeline.pairs``) on large label arrays.
+"""Speed of the patent's pair generator (``pipeline.core.pairs``) on large label arrays.
 
 Measures, on HAM10000-like class frequencies (7 classes, nv ~67 %):
 
@@ -28,13 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import PairsConfig  # noqa: E402
-from pipeline.fileio import write_json  # noqa: E402
+from pipeline.core.pairs import build_pair_manifest, patent_partner_indices, patent_partner_indices_batched
+from pipeline.io.files import write_json  # noqa: E402
 from pipeline.labels import CLASSES  # noqa: E402
-from pipeline.pairs import (  # noqa: E402
-    build_pair_manifest,
-    patent_partner_indices,
-    patent_partner_indices_batched,
-)
 
 # HAM10000 class shares (10015 images), in CLASSES order: akiec bcc bkl df mel nv vasc.
 HAM_COUNTS = np.array([327, 514, 1099, 115, 1113, 6705, 142], dtype=np.float64)

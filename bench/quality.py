@@ -11,7 +11,7 @@ the **same** lesion-grouped split and the same augmented train images, two basel
 * ``mobilenet_v3_small`` — torchvision MobileNetV3-Small from scratch (no downloaded weights).
 
 Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2). All three are
-scored on the test split with :func:`pipeline.metrics.classification_metrics`. Results: a table
+scored on the test split with :func:`pipeline.core.metrics.classification_metrics`. Results: a table
 on stdout and ``bench/results/quality.json`` (balanced accuracy, accuracy, macro AUC, parameter
 counts, wall-clock seconds). Targets for the twin model (issue 3): BA ≥ 0.70, macro AUC ≥ 0.94,
 inference model ≤ 1.0 M params, ≤ 30 min on a 2-core CPU.
@@ -55,8 +55,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int) -> tu
     import torch
     import torch.nn.functional as F
 
-    from pipeline.preprocess import to_model_input
-    from pipeline.train import build_optimizer, lr_factor
+    from pipeline.core.imaging import to_model_input
+    from pipeline.core.training import build_optimizer, lr_factor
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +103,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int) -> tu
 def _probs(model, x) -> np.ndarray:
     import torch
 
-    from pipeline.preprocess import to_model_input
+    from pipeline.core.imaging import to_model_input
 
     out = []
     with torch.no_grad():
@@ -127,19 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torchvision
 
-    from pipeline.augment import run_augment
     from pipeline.config import load_config, parse_override
-    from pipeline.evaluate import run_evaluate
-    from pipeline.export import run_select
-    from pipeline.imagecache import load_image_cache
+    from pipeline.core.metrics import classification_metrics
+    from pipeline.core.model import build_inference, count_parameters
+    from pipeline.io.imagecache import load_image_cache
     from pipeline.labels import CLASS_TO_INDEX
     from pipeline.layout import Layout
-    from pipeline.metrics import classification_metrics
-    from pipeline.model import build_inference, count_parameters
-    from pipeline.pairs import run_pairs
-    from pipeline.sources import run_ingest
-    from pipeline.train import run_train
-    from pipeline.validation import run_validate
+    from pipeline.stages.augment import run_augment
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.stages.pairs import run_pairs
+    from pipeline.stages.select import run_select
+    from pipeline.stages.train import run_train
+    from pipeline.stages.validate import run_validate
 
     overrides = dict(BENCH_OVERRIDES)
     overrides.update({"data.source": "ham10000", "data.root": str(data.resolve()), "paths.work_dir": ns.work})
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         def arrays(split: str):
             df = man[man["split"] == split].sort_values("image_id")
             paths = [layout.augmented_dir / p for p in df["path"]]
-            cache = load_image_cache(list(df["image_id"]), paths, size, layout.cache_dir, name=f"bench_{split}")
+            cache = load_image_cache(list(df["image_id"]), paths, size, layout.cache_dir, name=f"bench_{split}",
+                                     workers=cfg.evaluate.cache_workers)
             return cache.array, df["label"].map(CLASS_TO_INDEX).to_numpy()
 
         (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = arrays("train"), arrays("val"), arrays("test")

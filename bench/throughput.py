@@ -2,7 +2,7 @@
 
 Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inputs (the data
 pipeline is not measured: training reads a decoded uint8 cache). Runs on CPU and, when present,
-on CUDA (with the same AMP / channels_last choices as :mod:`pipeline.train`). Prints a table and
+on CUDA (with the same AMP / channels_last choices as :mod:`pipeline.io.compute`). Prints a table and
 writes ``bench/results/throughput.json`` (gitignored).
 
     python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu]
@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.fileio import write_json  # noqa: E402
+from pipeline.core.losses import joint_loss  # noqa: E402
+from pipeline.core.model import build_twin, count_parameters, inference_model  # noqa: E402
+from pipeline.core.training import build_optimizer, float_output  # noqa: E402
+from pipeline.io.compute import resolve_device  # noqa: E402
+from pipeline.io.files import write_json  # noqa: E402
 from pipeline.labels import NUM_CLASSES  # noqa: E402
-from pipeline.losses import joint_loss  # noqa: E402
-from pipeline.model import build_twin, count_parameters, inference_model  # noqa: E402
-from pipeline.train import build_optimizer, float_output, resolve_device  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -1,22 +1,22 @@
-"""skin-twin training pipeline as an Airflow 3 DAG (TaskFlow, ``airflow.sdk``).
+"""skin-twin training pipeline as an Airflow 3 DAG (TaskFlow, ``airflow.sdk``). Orchestration only.
 
 ingest -> validate -> augment -> pairs -> train -> select -> evaluate -> track -> register
 
-Every task calls :func:`pipeline.orchestration.run_stage` (the same stage functions as
-``python -m pipeline <stage>`` and ``dvc repro``); this file only wires tasks. Parse time stays
-cheap: YAML + pydantic for the config, no torch / pandas / mlflow / Great Expectations (those are
-imported inside the tasks when a stage runs).
+The tasks are generated from the stage table (:mod:`pipeline.app.table`): each runs its stages
+through :func:`pipeline.app.orchestration.run_stage` (the same functions as
+``python -m pipeline <stage>`` and ``dvc repro``). Parse time stays cheap: YAML + pydantic for the
+config, no torch / pandas / mlflow / Great Expectations.
 
 * Each DAG run works in ``<airflow.runs_dir>/<sanitised run_id>`` (re-runs reuse it, runs never
   share it); only small values (paths, digests, ids) go through XCom.
 * Schedule: ``airflow.schedule`` (cron) and/or, with ``airflow.schedule_on_asset``, the raw-data
-  Asset ``skin_twin.raw_data`` — a new data version (an Asset event, e.g. from the data team's DAG
+  Asset ``skin_twin.raw_data`` -- a new data version (an Asset event, e.g. from the data team's DAG
   or ``POST /api/v2/assets/events`` with extras ``data_root``/``data_source``) triggers a retrain.
 * Tasks emit Assets for the validated manifest, the model and the metrics, with digests in the
   event extras.
-* ``train`` runs on the GPU Celery queue (``airflow.gpu_queue``) in the pool ``airflow.gpu_pool``
-  that limits concurrent GPU jobs; under LocalExecutor the queue is ignored and training falls
-  back to CPU when no CUDA device is present.
+* GPU tasks (``train``) run on the Celery queue ``airflow.gpu_queue`` in the pool ``airflow.gpu_pool``
+  that limits concurrent GPU jobs; under LocalExecutor the queue is ignored and training falls back
+  to CPU when no CUDA device is present.
 * Retries with exponential backoff on every task; bad data / failed validation fail at once.
 * The params file is ``$SKIN_TWIN_PARAMS`` or ``params.yaml`` at the project root.
 """
@@ -27,13 +27,13 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, chain, dag, get_current_context, task
 
 try:
-    from pipeline import orchestration as orch
+    from pipeline.app import orchestration as orch
 except ImportError:  # the dags folder deployed beside the project without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipeline import orchestration as orch
+    from pipeline.app import orchestration as orch
 
 CFG = orch.load_base_config()
 AF = CFG.airflow
@@ -58,13 +58,23 @@ def _outlets(name: str) -> list[Asset]:
 
 
 def _run(name: str) -> dict:
-    """Body of every task: run the stage, attach Asset event extras, return the XCom summary."""
+    """Body of every task: run the stage(s), attach Asset event extras, return the XCom summary."""
     ctx = get_current_context()
     trigger = orch.trigger_extras_from(ctx.get("triggering_asset_events"))
     summary = orch.run_stage(name, ctx["run_id"], dict(ctx["params"]), trigger_extras=trigger)
     for asset in _outlets(name):
         ctx["outlet_events"][asset].extra.update(orch.asset_extra(name, summary))
     return summary
+
+
+def _make_task(name: str):
+    routing = orch.task_routing(name, CFG)  # GPU tasks: {"queue", "pool", "pool_slots"}; others: {}
+
+    @task(task_id=name, outlets=_outlets(name), **routing)
+    def run_task() -> dict:
+        return _run(name)
+
+    return run_task()
 
 
 @dag(
@@ -86,7 +96,7 @@ def _run(name: str) -> dict:
         "data_source": Param(
             None,
             type=["null", "string"],
-            enum=[None, "synthetic", "ham10000", "isic_csv", "imagefolder"],
+            enum=[None, *orch.source_names()],
             description="Data source for this run (default: data.source of the params file).",
         ),
         "data_root": Param(
@@ -94,7 +104,7 @@ def _run(name: str) -> dict:
             type=["null", "string"],
             description="Data root for this run (relative paths: relative to the params file's folder).",
         ),
-        "data_csv": Param(None, type=["null", "string"], description="isic_csv only: ground-truth CSV."),
+        "data_csv": Param(None, type=["null", "string"], description="Sources with a label CSV (isic_csv)."),
         "overrides": Param(
             {},
             type="object",
@@ -104,43 +114,7 @@ def _run(name: str) -> dict:
     doc_md=__doc__,
 )
 def skin_twin():
-    @task(task_id="ingest")
-    def ingest() -> dict:
-        return _run("ingest")
-
-    @task(task_id="validate", outlets=_outlets("validate"))
-    def validate(upstream: dict) -> dict:
-        return _run("validate")
-
-    @task(task_id="augment")
-    def augment(upstream: dict) -> dict:
-        return _run("augment")
-
-    @task(task_id="pairs")
-    def pairs(upstream: dict) -> dict:
-        return _run("pairs")
-
-    @task(task_id="train", queue=AF.gpu_queue, pool=AF.gpu_pool, pool_slots=1)
-    def train(upstream: dict) -> dict:
-        return _run("train")
-
-    @task(task_id="select", outlets=_outlets("select"))
-    def select(upstream: dict) -> dict:
-        return _run("select")
-
-    @task(task_id="evaluate", outlets=_outlets("evaluate"))
-    def evaluate(upstream: dict) -> dict:
-        return _run("evaluate")
-
-    @task(task_id="track")
-    def track(upstream: dict) -> dict:
-        return _run("track")
-
-    @task(task_id="register")
-    def register(upstream: dict) -> dict:
-        return _run("register")
-
-    register(track(evaluate(select(train(pairs(augment(validate(ingest()))))))))
+    chain(*[_make_task(name) for name in orch.TASKS])
 
 
 skin_twin()

@@ -1,7 +1,7 @@
-"""``python -m pipeline <stage>``: see :mod:`pipeline.cli`."""
+"""``python -m pipeline <stage>``: see :mod:`pipeline.app.cli`."""
 
 import sys
 
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 sys.exit(main())

@@ -37,6 +37,8 @@ class SplitConfig(_Section):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
+    # A class with fewer lesions (groups) than this goes entirely to train.
+    min_groups_for_holdout: int = Field(3, ge=3)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitConfig":
@@ -47,11 +49,15 @@ class SplitConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "ham10000", "isic_csv", "imagefolder"] = "synthetic"
+    # A name registered in pipeline.io.readers (checked when the CLI / DAG loads the params, and by
+    # ingest): synthetic | ham10000 | isic_csv | imagefolder.
+    source: str = Field("synthetic", min_length=1)
     # Data root. For `synthetic`, null means <work_dir>/data/synthetic (generated there).
     root: str | None = None
-    # isic_csv only: path of the ground-truth CSV (one-hot MEL NV BCC AKIEC BKL DF VASC).
+    # Sources that need one (isic_csv): path of the ground-truth CSV.
     csv: str | None = None
+    # Threads reading image headers and hashing files at ingest.
+    workers: int = Field(4, ge=1)
     split: SplitConfig = SplitConfig()
 
 
@@ -62,6 +68,7 @@ class SyntheticConfig(_Section):
     image_size: int = Field(128, ge=32, le=2048)
     # Images per lesion (group_id); >1 gives several views of the same lesion.
     images_per_lesion: int = Field(1, ge=1)
+    jpeg_quality: int = Field(92, ge=1, le=100)
 
     @field_validator("class_counts")
     @classmethod
@@ -140,12 +147,23 @@ class PairsConfig(_Section):
     fixed_points: Literal["drop", "repair"] = "repair"
 
 
+def _stage_rows(rows: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    for i, (t, c, n, st) in enumerate(rows):
+        if t < 1 or c < 1 or n < 1:
+            raise ValueError(f"row {i} {[t, c, n, st]}: expansion, out_channels and repeats must be >= 1")
+        if st not in (1, 2):
+            raise ValueError(f"row {i} {[t, c, n, st]}: stride must be 1 or 2")
+    return rows
+
+
 class ModelConfig(_Section):
     stem_channels: int = Field(16, ge=4)
     # Shared feature extractor: (expansion, out_channels, repeats, stride) per stage.
     extractor: list[tuple[int, int, int, int]] = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2)]
     # Each branch (own weights): same format, continuing from the extractor's output.
     branch: list[tuple[int, int, int, int]] = [(4, 64, 2, 2), (4, 96, 2, 2)]
+
+    _rows = field_validator("extractor", "branch")(_stage_rows)
     # 1x1 conv before GAP; this is the feature map used for CAM.
     head_channels: int = Field(256, ge=8)
     discriminator_hidden: int = Field(128, ge=4)
@@ -174,8 +192,10 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    # sgd only (required there, refused with adamw).
+    momentum: float | None = Field(None, ge=0, lt=1)
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
+    # Linear warm-up before cosine / constant (onecycle has its own; refused there).
     warmup_epochs: int = Field(0, ge=0)
     # "auto" picks CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -185,15 +205,43 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     # Light online augmentation on cached tensors (random flips).
     online_flip: bool = True
+    # Probability of each flip (horizontal, vertical) when online_flip.
+    flip_prob: float = Field(0.5, ge=0, le=1)
     # Threads for CPU training; 0 lets torch decide.
     cpu_threads: int = Field(0, ge=0)
+    # Threads decoding images into the image cache.
+    cache_workers: int = Field(4, ge=1)
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _optimizer_knobs(self) -> "TrainConfig":
+        if self.optimizer == "sgd" and self.momentum is None:
+            raise ValueError("momentum: required with optimizer=sgd")
+        if self.optimizer != "sgd" and self.momentum is not None:
+            raise ValueError(f"momentum: only used with optimizer=sgd, not {self.optimizer} (set it to null)")
+        if self.schedule == "onecycle" and self.warmup_epochs:
+            raise ValueError("warmup_epochs: onecycle has its own warm-up; set warmup_epochs to 0")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
+        return self
 
 
 class EvaluateConfig(_Section):
     # CAM sample images written per class (correct and wrong each).
     cam_per_class: int = Field(2, ge=0)
     batch_size: int = Field(64, ge=1)
+    # Threads decoding test images into the image cache.
+    cache_workers: int = Field(4, ge=1)
+
+
+class PredictConfig(_Section):
+    # Images per forward pass in `predict` and the MLflow pyfunc model.
+    batch_size: int = Field(64, ge=1)
+
+
+class CamConfig(_Section):
+    # Opacity of the CAM heat map over the image in overlays (evaluate samples, predict --cam-dir).
+    alpha: float = Field(0.5, ge=0, le=1)
 
 
 class MlflowConfig(_Section):
@@ -238,6 +286,8 @@ class Config(_Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    predict: PredictConfig = PredictConfig()
+    cam: CamConfig = CamConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     airflow: AirflowConfig = AirflowConfig()
@@ -318,7 +368,14 @@ def _validate(raw: Any, source: str) -> Config:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
             loc = loc.replace("validate_", "validate")
-            lines.append(f"  {loc or '<root>'}: {err['msg']} (got {err.get('input')!r})")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            got = f" (got {err.get('input')!r})"
+            # A cross-field rule names its key first ("momentum: required with ..."): show it dotted.
+            key, sep, rest = msg.partition(": ")
+            if sep and key.isidentifier() and isinstance(err.get("input"), dict) and key in err["input"]:
+                loc, msg = f"{loc}.{key}" if loc else key, rest
+                got = f" (got {err['input'][key]!r})"
+            lines.append(f"  {loc or '<root>'}: {msg}{got}")
         raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
 
 

@@ -1,7 +1,8 @@
 """Where every artifact of one pipeline run lives, derived from ``paths.work_dir``.
 
-One place for the file layout so that the CLI, ``dvc.yaml`` and the Airflow DAG (which gives
-each DAG run its own work directory) agree. With the default ``work_dir: .`` the layout is the
+One place for the file layout so that the CLI, the generated ``dvc.yaml`` and the Airflow DAG
+(which gives each DAG run its own work directory) agree; the stage table
+(:mod:`pipeline.app.table`) names its inputs and outputs by these property names. With the default ``work_dir: .`` the layout is the
 conventional DVC one: ``data/``, ``models/``, ``reports/`` at the project root.
 """
 
@@ -87,6 +88,11 @@ class Layout:
         return self.reports_dir / "plots"
 
     @property
+    def predictions(self) -> Path:
+        """Per-image test predictions of the evaluate stage."""
+        return self.reports_dir / "predictions_test.csv"
+
+    @property
     def cam_dir(self) -> Path:
         return self.reports_dir / "cam"
 
@@ -94,16 +100,3 @@ class Layout:
     def tracking_record(self) -> Path:
         """MLflow run id, model version and gate decision of this pipeline run."""
         return self.reports_dir / "mlflow.json"
-
-
-def data_root(cfg: Config) -> Path:
-    """The folder the manifest's ``path`` column is relative to.
-
-    ``data.root`` when set; for the ``synthetic`` source with no root, the generated folder
-    ``<work_dir>/data/synthetic``.
-    """
-    if cfg.data.root:
-        return Path(cfg.data.root)
-    if cfg.data.source == "synthetic":
-        return Layout.from_config(cfg).synthetic_dir
-    raise ValueError(f"data.root must be set for data.source={cfg.data.source!r}")

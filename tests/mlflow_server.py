@@ -6,8 +6,8 @@ whose :meth:`MlflowServer.stop` kills the whole process group.
 
 :func:`make_run` writes what the stages before ``track`` leave in a work dir: a validated manifest
 (with per-image sha256), an augmented set with a test split, an exported tiny model (built with
-:func:`pipeline.model.build_twin` / :func:`~pipeline.model.inference_model`, written with
-:func:`pipeline.export.export_inference`), ``metrics.json``, ``history.csv``, plots, CAM grid,
+:func:`pipeline.core.model.build_twin` / :func:`~pipeline.core.model.inference_model`, written with
+:func:`pipeline.io.modelstore.export_inference`), ``metrics.json``, ``history.csv``, plots, CAM grid,
 validation result + HTML and the pair summary.
 """
 
@@ -141,9 +141,10 @@ def export_tiny_model(cfg: Any, folder: Path, seed: int = 0, extra_meta: dict[st
     """A tiny random inference model in the export format (weights.pt, config.json, model.ts)."""
     import torch
 
-    from pipeline.export import build_meta, export_inference
-    from pipeline.fileio import atomic_dir
-    from pipeline.model import build_twin, count_parameters, inference_model
+    from pipeline.core.model import build_twin, count_parameters, inference_model
+    from pipeline.core.selection import build_meta
+    from pipeline.io.files import atomic_dir
+    from pipeline.io.modelstore import export_inference
 
     torch.manual_seed(seed)
     twin = build_twin(cfg.model, 7).eval()
@@ -250,7 +251,7 @@ def make_cfg(base: Path, name: str = "work", tracking_uri: str | None = None, **
 
 
 def fake_score(calls: list | None = None):
-    """A stand-in for :func:`pipeline.evaluate.score_model` returning the export's
+    """A stand-in for :func:`pipeline.io.scoring.score_model` returning the export's
     ``fake_balanced_accuracy`` (set by :func:`make_run`); records the manifests it was given."""
 
     def score(exported: Any, manifest_df: pd.DataFrame, images_root: Any, cfg: Any):

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.augment import copies_per_class, copy_seed, plan_outputs, run_augment
 from pipeline.config import AugmentConfig, load_config
+from pipeline.core.augment import copies_per_class, copy_seed, plan_outputs
+from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.errors import DataError
+from pipeline.io.images import load_resized
 from pipeline.layout import Layout
-from pipeline.manifest import AUGMENTED_COLUMNS
-from pipeline.preprocess import load_resized
+from pipeline.stages.augment import run_augment
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.cam import cam_for, class_activation_map, jet, overlay, save_overlay_png, upsample_normalize
 from pipeline.config import ModelConfig
-from pipeline.model import Branch, InferenceModel, build_inference
+from pipeline.core.cam import cam_for, class_activation_map, jet, overlay, upsample_normalize
+from pipeline.core.model import Branch, InferenceModel, build_inference
+from pipeline.io.overlays import save_overlay_png
 
 TINY = ModelConfig(
     stem_channels=8,
@@ -168,7 +169,7 @@ def test_save_overlay_png(tmp_path: Path) -> None:
 
     img = np.random.default_rng(0).integers(0, 256, (10, 14, 3), dtype=np.uint8)
     cam = np.random.default_rng(1).random((10, 14)).astype(np.float32)
-    p = save_overlay_png(tmp_path / "sub" / "a.png", img, cam)
+    p = save_overlay_png(tmp_path / "sub" / "a.png", img, cam, 0.5)
     with Image.open(p) as im:
         assert im.size == (14, 10) and im.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(im), overlay(img, cam))

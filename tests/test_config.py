@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.cli import STAGES, main
+from pipeline.app.cli import STAGES, main
 from pipeline.config import Config, ConfigError, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +177,32 @@ def test_unknown_stage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["no-such-stage"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"train.optimizer": "sgd"}, "train.momentum: required with optimizer=sgd"),
+        ({"train.momentum": 0.9}, "train.momentum: only used with optimizer=sgd"),
+        ({"train.schedule": "onecycle", "train.warmup_epochs": 1}, "train.warmup_epochs: onecycle has its own warm-up"),
+        ({"train.warmup_epochs": 12}, "train.warmup_epochs"),
+        ({"model.extractor": [[1, 16, 1, 3]]}, "model.extractor: Value error, row 0 [1, 16, 1, 3]: stride must be 1 or 2"),
+        ({"model.branch": [[0, 16, 1, 2]]}, "model.branch"),
+    ],
+)
+def test_cross_field_rules_fail_at_load_naming_the_key(overrides: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(PARAMS, overrides)
+    assert needle.replace("Value error, ", "") in str(info.value)
+
+
+def test_source_rules_need_the_registry_and_fail_at_load() -> None:
+    from pipeline.app.params import load_params
+
+    with pytest.raises(ConfigError, match="data.source: unknown source 'dicom'"):
+        load_params(PARAMS, {"data.source": "dicom"})
+    with pytest.raises(ConfigError, match="data.root: must be set for data.source='ham10000'"):
+        load_params(PARAMS, {"data.source": "ham10000"})
+    with pytest.raises(ConfigError, match="data.csv: must be set"):
+        load_params(PARAMS, {"data.source": "isic_csv", "data.root": "/x"})
+    assert load_params(PARAMS, {"train.optimizer": "sgd", "train.momentum": 0.9}).train.momentum == 0.9

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from airflow_env import (
     DAG_ID,
     HEAVY_MODULES,
@@ -27,10 +26,10 @@ from airflow_env import (
     run_overrides,
     write_params,
 )
-from pipeline import orchestration as orch
-from pipeline.config import ConfigError, load_config
-from pipeline.digests import path_sha256
 
+from pipeline.app import orchestration as orch
+from pipeline.config import ConfigError, load_config
+from pipeline.io.digests import path_sha256
 
 EXPECTED_CHAIN = ["ingest", "validate", "augment", "pairs", "train", "select", "evaluate", "track", "register"]
 
@@ -104,7 +103,7 @@ def test_bad_data_fails_fast_without_retry(tmp_path: Path) -> None:
     script = f"""
 import os
 os.environ["SKIN_TWIN_PARAMS"] = {str(write_params(tmp_path / "params.yaml", {"runs_dir": str(tmp_path / "runs")}))!r}
-from pipeline import orchestration as orch
+from pipeline.app import orchestration as orch
 from pipeline.errors import ValidationFailed
 from airflow.sdk.exceptions import AirflowFailException
 def boom(cfg):
@@ -227,8 +226,9 @@ def _registry_state(mlflow_dir: Path, model_name: str) -> dict:
     db = mlflow_dir / "mlflow.db"
     if not db.exists():
         return {"versions": [], "aliases": {}}
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     try:
@@ -250,7 +250,7 @@ def _run_dir(home: dict, run_id: str) -> Path:
 
 
 def _missing_stage_modules() -> list[str]:
-    from pipeline.cli import STAGES
+    from pipeline.app.cli import STAGES
 
     names = ("synthesize", "ingest", "validate", "augment", "pairs", "train", "select", "evaluate", "track", "register")
     return [STAGES[n].target for n in names if not (ROOT / (STAGES[n].target.split(":")[0].replace(".", "/") + ".py")).exists()]
@@ -289,11 +289,11 @@ def test_dag_end_to_end_registers_a_model_with_lineage(dagtest_home: dict, tiny_
 
 def _write_bad_imagefolder(root: Path) -> Path:
     """An imagefolder data set, 6 valid RGB images per class plus one corrupt 'image'."""
+    import random
+
     from PIL import Image
 
     from pipeline.labels import CLASSES
-
-    import random
 
     rnd = random.Random(0)
     for cls in CLASSES:
@@ -307,7 +307,7 @@ def _write_bad_imagefolder(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_dag_stops_on_bad_data_before_augmentation(dagtest_home: dict, tiny_overrides: dict, tmp_path: Path) -> None:
-    missing = [m for m in _missing_stage_modules() if m.split(":")[0] in ("pipeline.sources", "pipeline.validation")]
+    missing = [m for m in _missing_stage_modules() if m.split(":")[0] in ("pipeline.stages.ingest", "pipeline.stages.validate")]
     assert not missing, f"stage modules not written yet: {missing}"
     cfg = load_config(dagtest_home["params"])
     before = _registry_state(dagtest_home["mlflow"], cfg.registry.model_name)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -139,3 +140,58 @@ def test_dvc_repro_end_to_end(repo_copy: Path) -> None:
     assert "evaluate" in ran
     # publish re-runs only if evaluate's outputs it depends on changed; nothing upstream re-runs.
     assert ran <= {"evaluate", "publish"}, ran
+
+
+def _ham_folder(root: Path, per_class: int = 4) -> Path:
+    """A small data set in the HAM10000 layout, outside the repository (like ../shared/data)."""
+    from PIL import Image
+
+    from pipeline.labels import CLASSES
+
+    rng = np.random.default_rng(0)
+    rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization,dataset"]
+    (root / "images").mkdir(parents=True)
+    for c, cls in enumerate(CLASSES):
+        for i in range(per_class):
+            image_id = f"ISIC_{c}{i:03d}"
+            arr = np.clip(rng.normal(60 + 25 * c, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / "images" / f"{image_id}.jpg", quality=90)
+            rows.append(f"HAM_{c}{i:03d},{image_id},{cls},histo,50.0,male,back,vidir_modern")
+    (root / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _python(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=repo, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_real_source_runs_no_synthesis_and_a_changed_image_reruns_ingest(repo_copy: Path, tmp_path: Path) -> None:
+    data = _ham_folder(tmp_path / "clinic")
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["data"].update({"source": "ham10000", "root": str(data)})
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    # The committed dvc.yaml (synthetic source) no longer fits: a stage refuses to run from it.
+    stale = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "ingest"], cwd=repo_copy, env=_env(),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert stale.returncode != 0 and "regenerate it with `python -m pipeline dvc-yaml`" in stale.stdout + stale.stderr
+
+    _python(repo_copy, "dvc-yaml")
+    stages = yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"]
+    assert "synthesize" not in stages and str(data) in stages["ingest"]["deps"]
+
+    first = _dvc(repo_copy, "repro", "validate")
+    assert _ran(first.stdout) == {"ingest", "validate"}
+    assert not (repo_copy / "data" / "synthetic").exists()
+    assert _ran(_dvc(repo_copy, "repro", "validate").stdout) == set()
+
+    # one image changes (same id, other pixels): ingest re-runs, and so does validate (new manifest)
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(data / "images" / "ISIC_0000.jpg", quality=90)
+    again = _dvc(repo_copy, "repro", "validate")
+    assert _ran(again.stdout) == {"ingest", "validate"}

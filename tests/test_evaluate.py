@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_train import make_work, tiny_cfg
 
 from pipeline.labels import CLASSES
-from test_train import make_work, tiny_cfg
 
 
 def test_select_cam_samples_picks_confident_correct_and_wrong() -> None:
-    from pipeline.evaluate import select_cam_samples
+    from pipeline.core.evaluation import select_cam_samples
 
     y = np.array([0, 0, 0, 1, 1])
     probs = np.array(
@@ -33,7 +33,7 @@ def test_select_cam_samples_picks_confident_correct_and_wrong() -> None:
 
 
 def test_flat_metrics_strict_json() -> None:
-    from pipeline.evaluate import flat_metrics
+    from pipeline.core.evaluation import flat_metrics
 
     out = flat_metrics({"accuracy": np.float64(0.5), "auc_df": float("nan"), "support_df": np.int64(0)},
                        {"selected_branch": 2, "params_train": 10, "other": "x"}, 12)
@@ -43,9 +43,11 @@ def test_flat_metrics_strict_json() -> None:
 
 
 def test_train_select_evaluate_chain(tmp_path: Path) -> None:
-    from pipeline.evaluate import run_evaluate, score_model
-    from pipeline.export import load_exported, run_select
-    from pipeline.train import run_train
+    from pipeline.io.modelstore import load_exported
+    from pipeline.io.scoring import score_model
+    from pipeline.stages.evaluate import run_evaluate
+    from pipeline.stages.select import run_select
+    from pipeline.stages.train import run_train
 
     layout = make_work(tmp_path / "w")
     cfg = tiny_cfg(tmp_path / "w", **{"train.epochs": 1, "evaluate.cam_per_class": 1})

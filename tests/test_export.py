@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from test_train import make_work, tiny_cfg
 
 from pipeline.errors import PipelineError
-from test_train import make_work, tiny_cfg
 
 
 def test_select_branch_rule() -> None:
-    from pipeline.export import select_branch
+    from pipeline.core.selection import select_branch
 
     assert select_branch(0.4, 0.6) == 1
     assert select_branch(0.6, 0.4) == 2
@@ -24,7 +24,7 @@ def test_select_branch_rule() -> None:
 def _scripted_validate(script: list[tuple[float, float, float]], loss_cfg: Any):
     calls = {"n": 0}
 
-    def fake(twin, data, cfg, ds, dist, alpha):  # noqa: ANN001 - same signature as pipeline.train.validate
+    def fake(*args, **kwargs):  # noqa: ANN002, ANN003 - stands in for pipeline.core.training.validate
         b1, b2, disc = script[calls["n"]]
         calls["n"] += 1
         total = loss_cfg.A * b1 + loss_cfg.B * b2 + loss_cfg.C * disc
@@ -36,9 +36,10 @@ def _scripted_validate(script: list[tuple[float, float, float]], loss_cfg: Any):
 def test_select_uses_best_epoch_and_lower_branch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Scripted validation history: epoch 2 has the lowest total loss and branch 2 wins there,
     although branch 1 is lower in epochs 1 and 3."""
-    import pipeline.train as train
-    from pipeline.export import load_exported, run_select
-    from pipeline.model import build_twin, inference_model
+    import pipeline.stages.train as train
+    from pipeline.core.model import build_twin, inference_model
+    from pipeline.io.modelstore import load_exported
+    from pipeline.stages.select import run_select
 
     cfg = tiny_cfg(tmp_path / "w", **{"train.epochs": 3})
     make_work(tmp_path / "w")
@@ -76,8 +77,9 @@ def test_select_uses_best_epoch_and_lower_branch(tmp_path: Path, monkeypatch: py
 
 
 def test_portable_module_matches_eager(tmp_path: Path) -> None:
-    from pipeline.export import build_meta, export_inference, load_exported, load_portable
-    from pipeline.model import build_twin, count_parameters, inference_model
+    from pipeline.core.model import build_twin, count_parameters, inference_model
+    from pipeline.core.selection import build_meta
+    from pipeline.io.modelstore import export_inference, load_exported, load_portable
 
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
@@ -100,7 +102,7 @@ def test_portable_module_matches_eager(tmp_path: Path) -> None:
 
 
 def test_select_without_training_names_the_file(tmp_path: Path) -> None:
-    from pipeline.export import run_select
+    from pipeline.stages.select import run_select
 
     with pytest.raises(PipelineError, match="best.pt"):
         run_select(tiny_cfg(tmp_path / "nothing"))

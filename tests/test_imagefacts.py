@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ValidateConfig
-from pipeline.imagefacts import FACT_COLUMNS, gather_facts, inspect_image
+from pipeline.io.imagefacts import FACT_COLUMNS, gather_facts, inspect_image
 
 
 def rgb(path: Path, size: tuple[int, int] = (40, 36), seed: int = 0) -> Path:

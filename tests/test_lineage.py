@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from mlflow_server import fake_score, make_cfg, make_run
-from pipeline.lineage import airflow_context, content_digest, dvc_lock_hashes, format_chain, git_info
+
+from pipeline.core.lineage import content_digest, format_chain
+from pipeline.io.provenance import airflow_context, dvc_lock_hashes, git_info
 
 
 def test_content_digest_is_about_images_and_labels_only() -> None:
@@ -57,10 +58,9 @@ def test_airflow_context_env_and_explicit(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import pipeline.evaluate as evaluate
-    from pipeline import lineage
-    from pipeline.registry import run_register
-    from pipeline.tracking import run_track
+    import pipeline.io.scoring as evaluate
+    from pipeline.stages.register import run_register
+    from pipeline.stages.track import run_track
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "skin_twin")
@@ -70,7 +70,9 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
     fake_root = tmp_path / "project"
     fake_root.mkdir()
     (fake_root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  augment:\n    outs:\n    - path: data/augmented\n      md5: abc.dir\n")
-    monkeypatch.setattr(lineage, "PROJECT_ROOT", fake_root)
+    import pipeline.io.provenance as provenance
+
+    monkeypatch.setattr(provenance, "PROJECT_ROOT", fake_root)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     monkeypatch.setenv("SKIN_TWIN_GIT_COMMIT", "feedface")
     monkeypatch.setenv("SKIN_TWIN_GIT_DIRTY", "true")
@@ -83,9 +85,12 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
     capsys.readouterr()
 
     uri = f"models:/{cfg.registry.model_name}@champion"
-    chain = lineage.run_lineage(cfg, uri)
+    from pipeline.io.digests import file_sha256
+    from pipeline.stages.lineage import run_lineage
+
+    chain = run_lineage(cfg, uri)
     printed = capsys.readouterr().out
-    assert lineage.run_lineage(cfg, f"models:/{cfg.registry.model_name}/{reg['version']}") == chain
+    assert run_lineage(cfg, f"models:/{cfg.registry.model_name}/{reg['version']}") == chain
 
     work = Path(cfg.paths.work_dir)
     manifest = pd.read_parquet(work / "data" / "validated.parquet")
@@ -102,8 +107,8 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
         assert d["source"].endswith("validated.parquet") and int(d["rows"]) == 7 * {"train": 3, "val": 2, "test": 2}[split]
     assert chain["dvc"]["augment.data/augmented"] == "abc.dir"
     assert chain["validation"]["success"] == "true"
-    assert chain["validation"]["digest"] == lineage.file_sha256(work / "reports" / "validation" / "result.json")
-    assert chain["pairs"]["summary_digest"] == lineage.file_sha256(work / "reports" / "pairs_summary.json")
+    assert chain["validation"]["digest"] == file_sha256(work / "reports" / "validation" / "result.json")
+    assert chain["pairs"]["summary_digest"] == file_sha256(work / "reports" / "pairs_summary.json")
     assert chain["airflow"] == {"dag_id": "skin_twin", "dag_run_id": "scheduled__2026-01-05", "try_number": "1"}
     for needle in ("-> run", "-> code  feedface (uncommitted changes)", "-> params", "-> data", "-> validation success=true",
                    "-> pairs", "-> airflow dag skin_twin run scheduled__2026-01-05 try 1"):
@@ -113,7 +118,7 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
 
 
 def test_lineage_cli_unknown_model_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, params_path: Path) -> None:
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rc = main([

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import LossConfig
-from pipeline.losses import class_alpha, focal_loss, joint_loss, same_target
-from pipeline.model import TwinOutput
+from pipeline.core.losses import class_alpha, focal_loss, joint_loss, same_target
+from pipeline.core.model import TwinOutput
 
 
 def direct_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: torch.Tensor | None) -> torch.Tensor:
@@ -153,7 +153,7 @@ def test_joint_loss_weighting_and_same_target_from_labels() -> None:
 
 def test_joint_loss_backward_through_twin() -> None:
     from pipeline.config import ModelConfig
-    from pipeline.model import build_twin
+    from pipeline.core.model import build_twin
 
     torch.manual_seed(0)
     mcfg = ModelConfig(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from pipeline.core.metrics import classification_metrics, confusion_matrix, roc_curves
 from pipeline.labels import CLASSES
-from pipeline.metrics import classification_metrics, confusion_matrix, roc_curves
 
 
 def _onehotish(pred: list[int], n: int = 3, conf: float = 0.8) -> np.ndarray:

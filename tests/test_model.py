@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, load_config
-from pipeline.model import (
+from pipeline.core.model import (
     Branch,
     Discriminator,
     FeatureExtractor,

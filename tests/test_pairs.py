@@ -13,16 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import PairsConfig, load_config
+from pipeline.core.pairs import build_pair_manifest, patent_partner_indices, patent_partner_indices_batched, plan_counts
+from pipeline.core.schema import AUGMENTED_COLUMNS, PAIR_COLUMNS
 from pipeline.errors import DataError
 from pipeline.layout import Layout
-from pipeline.manifest import AUGMENTED_COLUMNS, PAIR_COLUMNS
-from pipeline.pairs import (
-    build_pair_manifest,
-    patent_partner_indices,
-    patent_partner_indices_batched,
-    plan_counts,
-    run_pairs,
-)
+from pipeline.stages.pairs import run_pairs
 
 # ------------------------------------------------------------------------------------------------
 # Hand-worked examples of steps 2-4 (expected arrays written out by hand)

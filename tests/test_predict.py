@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from test_train import tiny_cfg
 
 from pipeline.errors import DataError
 from pipeline.labels import CLASSES
-from test_train import tiny_cfg
 
 COLUMNS = ["image_id", "label", *CLASSES]
 
@@ -22,8 +22,9 @@ COLUMNS = ["image_id", "label", *CLASSES]
 @pytest.fixture
 def export_dir(tmp_path: Path) -> Path:
     """An exported (untrained, seeded) tiny inference model."""
-    from pipeline.export import build_meta, export_inference
-    from pipeline.model import build_twin, count_parameters, inference_model
+    from pipeline.core.model import build_twin, count_parameters, inference_model
+    from pipeline.core.selection import build_meta
+    from pipeline.io.modelstore import export_inference
 
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def _images(folder: Path) -> dict[str, Path]:
 
 
 def test_predict_csv_contract(tmp_path: Path, export_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.predict import run_predict
+    from pipeline.stages.predict import run_predict
 
     files = _images(tmp_path / "imgs")
     assert Image.open(files["deep"]).mode.startswith("I;16")
@@ -78,15 +79,16 @@ def test_predict_csv_contract(tmp_path: Path, export_dir: Path, capsys: pytest.C
 
 
 def test_predict_proba_matches_stage_and_any_size(tmp_path: Path, export_dir: Path) -> None:
-    from pipeline.export import load_exported
-    from pipeline.predict import predict_proba, run_predict
-    from pipeline.preprocess import load_rgb
+    from pipeline.core.inference import predict_proba
+    from pipeline.io.images import load_rgb
+    from pipeline.io.modelstore import load_exported
+    from pipeline.stages.predict import run_predict
 
     files = _images(tmp_path / "imgs")
     exported = load_exported(export_dir)
     arrays = [np.asarray(load_rgb(p)) for p in files.values()]
     assert len({a.shape for a in arrays}) > 2
-    probs = predict_proba(exported, arrays)
+    probs = predict_proba(exported, arrays, 64)
     assert probs.shape == (len(arrays), 7)
     assert np.allclose(probs.sum(axis=1), 1.0)
     out = tmp_path / "p.csv"
@@ -97,15 +99,15 @@ def test_predict_proba_matches_stage_and_any_size(tmp_path: Path, export_dir: Pa
     # single file input, grayscale array input
     one = run_predict(tiny_cfg(tmp_path), str(export_dir), str(files["rgb"]), str(tmp_path / "one.csv"))
     assert one["images"] == 1
-    gray = predict_proba(exported, [np.zeros((10, 12), np.uint8)])
+    gray = predict_proba(exported, [np.zeros((10, 12), np.uint8)], 64)
     assert gray.shape == (1, 7)
     with pytest.raises(DataError, match="uint8"):
-        predict_proba(exported, [np.zeros((10, 12, 3), np.float32)])
+        predict_proba(exported, [np.zeros((10, 12, 3), np.float32)], 64)
 
 
 def test_all_unreadable_is_an_error(tmp_path: Path, export_dir: Path) -> None:
-    from pipeline.cli import main
-    from pipeline.predict import run_predict
+    from pipeline.app.cli import main
+    from pipeline.stages.predict import run_predict
 
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -122,7 +124,7 @@ def test_all_unreadable_is_an_error(tmp_path: Path, export_dir: Path) -> None:
 
 
 def test_registry_uri_and_cams(tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.predict import run_predict
+    from pipeline.stages.predict import run_predict
 
     seen = {}
 
@@ -130,7 +132,7 @@ def test_registry_uri_and_cams(tmp_path: Path, export_dir: Path, monkeypatch: py
         seen["uri"] = uri
         return export_dir
 
-    monkeypatch.setitem(sys.modules, "pipeline.registry", types.SimpleNamespace(download_model=download_model))
+    monkeypatch.setitem(sys.modules, "pipeline.io.registry", types.SimpleNamespace(download_model=download_model))
     files = _images(tmp_path / "imgs")
     cams = tmp_path / "cams"
     summary = run_predict(tiny_cfg(tmp_path), "models:/skin-twin@champion", str(tmp_path / "imgs"),

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from mlflow_server import fake_score, make_cfg, make_run
 
-from pipeline.registry import gate_decision, parse_model_uri
+from pipeline.core.gate import gate_decision
+from pipeline.io.registry import parse_model_uri
 
 NAME = "skin-twin-test"
 
@@ -77,8 +77,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def _track_and_register(cfg, ba: float, seed: int) -> dict:
-    from pipeline.registry import run_register
-    from pipeline.tracking import run_track
+    from pipeline.stages.register import run_register
+    from pipeline.stages.track import run_track
 
     make_run(cfg, seed=seed, fake_ba=ba)
     run_track(cfg)
@@ -86,8 +86,8 @@ def _track_and_register(cfg, ba: float, seed: int) -> dict:
 
 
 def _aliases(cfg) -> dict[str, str]:
-    from pipeline.registry import get_aliases
-    from pipeline.tracking import client_for
+    from pipeline.io.mlflow_service import client_for
+    from pipeline.io.registry import get_aliases
 
     return get_aliases(client_for(cfg), cfg.registry.model_name)
 
@@ -98,8 +98,8 @@ def _aliases(cfg) -> dict[str, str]:
 
 
 def test_gate_keeps_champion_when_worse_and_moves_when_better(store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.evaluate as evaluate
-    from pipeline.tracking import client_for
+    import pipeline.io.scoring as evaluate
+    from pipeline.io.mlflow_service import client_for
 
     calls: list = []
     monkeypatch.setattr(evaluate, "score_model", fake_score(calls))
@@ -138,7 +138,7 @@ def test_gate_keeps_champion_when_worse_and_moves_when_better(store, monkeypatch
 
 
 def test_margin_and_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.evaluate as evaluate
+    import pipeline.io.scoring as evaluate
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(evaluate, "score_model", fake_score())
@@ -153,9 +153,10 @@ def test_margin_and_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_failure_leaves_aliases_untouched(store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.evaluate as evaluate
-    from pipeline.registry import run_register
-    from pipeline.tracking import client_for, run_track
+    import pipeline.io.scoring as evaluate
+    from pipeline.io.mlflow_service import client_for
+    from pipeline.stages.register import run_register
+    from pipeline.stages.track import run_track
 
     monkeypatch.setattr(evaluate, "score_model", fake_score())
     cfg1 = store()
@@ -184,9 +185,9 @@ def test_failure_leaves_aliases_untouched(store, monkeypatch: pytest.MonkeyPatch
 
 
 def test_register_rerun_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.evaluate as evaluate
-    from pipeline.registry import run_register
-    from pipeline.tracking import client_for
+    import pipeline.io.scoring as evaluate
+    from pipeline.io.mlflow_service import client_for
+    from pipeline.stages.register import run_register
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(evaluate, "score_model", fake_score())
@@ -207,10 +208,10 @@ def test_champion_loads_by_alias_in_both_flavours(store, monkeypatch: pytest.Mon
     import mlflow.pytorch
     import torch
 
-    import pipeline.evaluate as evaluate
-    from pipeline.export import load_exported
-    from pipeline.predict import predict_proba
-    from pipeline.registry import download_model
+    import pipeline.io.scoring as evaluate
+    from pipeline.core.inference import predict_proba
+    from pipeline.io.modelstore import load_exported
+    from pipeline.io.registry import download_model
 
     monkeypatch.setattr(evaluate, "score_model", fake_score())
     cfg = store()
@@ -219,7 +220,7 @@ def test_champion_loads_by_alias_in_both_flavours(store, monkeypatch: pytest.Mon
     exported = load_exported(Path(cfg.paths.work_dir) / "models" / "export")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (s, s + 3, 3), dtype=np.uint8) for s in (20, 32, 47)]
-    expect = predict_proba(exported, images)
+    expect = predict_proba(exported, images, 64)
 
     pf = mlflow.pyfunc.load_model(uri)
     got = pf.predict(images)
@@ -227,7 +228,7 @@ def test_champion_loads_by_alias_in_both_flavours(store, monkeypatch: pytest.Mon
     np.testing.assert_allclose(got.to_numpy(), expect, atol=1e-6)
     np.testing.assert_allclose(got.to_numpy().sum(axis=1), 1.0, atol=1e-9)
     batch = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(pf.predict(batch).to_numpy(), predict_proba(exported, list(batch)), atol=1e-6)
+    np.testing.assert_allclose(pf.predict(batch).to_numpy(), predict_proba(exported, list(batch), 64), atol=1e-6)
     df = pd.DataFrame({"image": images})
     np.testing.assert_allclose(pf.predict(df).to_numpy(), expect, atol=1e-6)
 
@@ -238,16 +239,17 @@ def test_champion_loads_by_alias_in_both_flavours(store, monkeypatch: pytest.Mon
 
     folder = download_model(uri, cfg)
     assert (folder / "weights.pt").is_file()
-    np.testing.assert_allclose(predict_proba(load_exported(folder), images), expect, atol=1e-7)
+    np.testing.assert_allclose(predict_proba(load_exported(folder), images, 64), expect, atol=1e-7)
     assert download_model(f"models:/{cfg.registry.model_name}/1", cfg) == folder  # cached per version
 
 
 def test_predict_stage_with_registry_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    import pipeline.evaluate as evaluate
-    from pipeline.export import load_exported
-    from pipeline.predict import predict_proba, run_predict
+    import pipeline.io.scoring as evaluate
+    from pipeline.core.inference import predict_proba
+    from pipeline.io.modelstore import load_exported
+    from pipeline.stages.predict import run_predict
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(evaluate, "score_model", fake_score())
@@ -263,14 +265,14 @@ def test_predict_stage_with_registry_uri(tmp_path: Path, monkeypatch: pytest.Mon
     summary = run_predict(cfg, model=f"models:/{NAME}@champion", images=str(imgs), out=str(out))
     assert summary["images"] == 3
     df = pd.read_csv(out)
-    expect = predict_proba(load_exported(Path(cfg.paths.work_dir) / "models" / "export"), arrays)
+    expect = predict_proba(load_exported(Path(cfg.paths.work_dir) / "models" / "export"), arrays, 64)
     np.testing.assert_allclose(df[["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]].to_numpy(), expect, atol=2e-6)
 
 
 def test_gate_with_real_score_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real evaluate.score_model on this run's test split (random tiny model)."""
-    from pipeline.registry import run_register
-    from pipeline.tracking import run_track
+    from pipeline.stages.register import run_register
+    from pipeline.stages.track import run_track
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make_cfg(tmp_path, **{"registry.floor": 0.0})

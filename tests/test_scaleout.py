@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from airflow_env import DAG_ID, ProcessGroup, VENV_BIN, airflow_cli, airflow_env, free_port, run_overrides, write_params
+from airflow_env import DAG_ID, VENV_BIN, ProcessGroup, airflow_cli, airflow_env, free_port, run_overrides, write_params
 
 PG_URL = os.environ.get("SKIN_TWIN_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("SKIN_TWIN_REDIS_URL", "redis://127.0.0.1:6379/11")

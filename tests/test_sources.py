@@ -1,4 +1,4 @@
-"""Data sources -> manifest (pipeline.sources), on fixtures built in each source's official layout."""
+"""Data sources -> manifest (pipeline.io.readers, pipeline.stages.ingest), on fixtures built in each source's official layout."""
 
 from __future__ import annotations
 
@@ -10,23 +10,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT, SHARED_DATA
 from PIL import Image
 
-from conftest import ROOT, SHARED_DATA
 from pipeline.config import ConfigError
+from pipeline.core.schema import MANIFEST_COLUMNS
 from pipeline.errors import DataError
+from pipeline.io.images import file_facts
+from pipeline.io.readers import index_images, read_ham10000, read_imagefolder, read_isic_csv
 from pipeline.labels import CLASSES, ISIC_COLUMNS
-from pipeline.manifest import MANIFEST_COLUMNS
-from pipeline.sources import (
-    build_manifest,
-    file_facts,
-    index_images,
-    read_ham10000,
-    read_imagefolder,
-    read_isic_csv,
-    run_ingest,
-)
-from pipeline.synthetic import run_synthesize
+from pipeline.stages.ingest import build_manifest, run_ingest
+from pipeline.stages.synthesize import run_synthesize
 
 HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
 

@@ -1,4 +1,4 @@
-"""Grouped, stratified, seeded split assignment (pipeline.splits)."""
+"""Grouped, stratified, seeded split assignment (pipeline.core.splits)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import SplitConfig
-from pipeline.splits import assign_splits
+from pipeline.core.splits import assign_splits
 
 FRACTIONS = SplitConfig(train=0.7, val=0.15, test=0.15)
 

@@ -1,4 +1,4 @@
-"""The synthetic data set (pipeline.synthetic): layout, marking, determinism, class structure."""
+"""The synthetic data set (pipeline.core.synthetic, pipeline.stages.synthesize): layout, marking, determinism, class structure."""
 
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import SyntheticConfig
+from pipeline.core.synthetic import METADATA_COLUMNS, README_MARKER, encode_jpeg, generate_image, plan, sample_lesion
 from pipeline.errors import DataError
 from pipeline.labels import CLASSES
-from pipeline.synthetic import (
-    METADATA_COLUMNS,
-    README_MARKER,
-    encode_jpeg,
-    generate_image,
-    plan,
-    run_synthesize,
-    sample_lesion,
-    write_dataset,
-)
+from pipeline.stages.synthesize import run_synthesize, write_dataset
 
 SMALL = SyntheticConfig(images_per_class=3, class_counts={"nv": 5, "df": 0}, image_size=48, images_per_lesion=2)
 
@@ -91,7 +83,7 @@ def test_image_does_not_depend_on_generation_order_or_other_counts(small_set):
     in_full = next(it for it in plan(SMALL) if it.cls == "vasc" and it.lesion == 0 and it.view == 1)
     arr, _ = generate_image(42, alone[1], 48)
     assert alone[1].image_id != in_full.image_id
-    assert encode_jpeg(arr) == (target / "images" / f"{in_full.image_id}.jpg").read_bytes()
+    assert encode_jpeg(arr, SMALL.jpeg_quality) == (target / "images" / f"{in_full.image_id}.jpg").read_bytes()
 
 
 def test_refuses_to_replace_a_foreign_folder(tmp_path):
@@ -164,6 +156,6 @@ def test_generation_is_fast_enough():
     cfg = SyntheticConfig(images_per_class=6, image_size=128)
     start = time.perf_counter()
     for item in plan(cfg):
-        encode_jpeg(generate_image(0, item, 128)[0])
+        encode_jpeg(generate_image(0, item, 128)[0], 92)
     per_image = (time.perf_counter() - start) / 42
     assert per_image < 0.1, f"{per_image * 1000:.0f} ms per 128px image"

@@ -13,17 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from mlflow_server import make_cfg, make_run
-from pipeline.tracking import (
-    build_report,
-    final_metrics,
-    history_metrics,
-    param_value,
-    params_of,
-    redact,
-    resolve_tracking_uri,
-)
+
+from pipeline.core.run_record import build_report, final_metrics, history_metrics, param_value, params_of
+from pipeline.io.mlflow_service import redact, resolve_tracking_uri
 
 # --------------------------------------------------------------------------------------------
 # pure parts
@@ -71,7 +64,7 @@ def test_build_report_inlines_plots_and_shows_status(tmp_path: Path) -> None:
         title="t",
         run_id="abc",
         metrics={"balanced_accuracy": 0.5, "recall_nv": 0.25, "selected_branch": 1},
-        images={"confusion matrix": png, "missing": tmp_path / "nope.png"},
+        images={"confusion matrix": png.read_bytes(), "missing": None},
         validation={"success": False, "digest": "d1"},
         pairs_summary={"pairs": 3},
         tags={"skin_twin.git_commit": "deadbeef"},
@@ -87,7 +80,7 @@ def test_build_report_inlines_plots_and_shows_status(tmp_path: Path) -> None:
 
 @pytest.fixture(params=["sqlite", pytest.param("server", marks=pytest.mark.slow)])
 def tracked(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from pipeline.tracking import run_track
+    from pipeline.stages.track import run_track
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for k in ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TRY_NUMBER"):
@@ -102,9 +95,8 @@ def tracked(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
 
 def test_run_holds_params_metrics_datasets_tags_artifacts(tracked) -> None:
     import mlflow
-
-    from pipeline.lineage import content_digest
-    from pipeline.tracking import client_for
+    from pipeline.core.lineage import content_digest
+    from pipeline.io.mlflow_service import client_for
 
     cfg, result = tracked
     client = client_for(cfg)
@@ -160,15 +152,15 @@ def test_logged_model_predicts_like_the_export(tracked) -> None:
     import mlflow.pytorch
     import torch
 
-    from pipeline.export import load_exported
-    from pipeline.predict import predict_proba
+    from pipeline.core.inference import predict_proba
+    from pipeline.io.modelstore import load_exported
 
     cfg, result = tracked
     exported = load_exported(Path(cfg.paths.work_dir) / "models" / "export")
     rng = np.random.default_rng(7)
     batch = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     got = mlflow.pyfunc.load_model(result["model_uri"]).predict(batch)
-    np.testing.assert_allclose(got.to_numpy(), predict_proba(exported, list(batch)), atol=1e-6)
+    np.testing.assert_allclose(got.to_numpy(), predict_proba(exported, list(batch), 64), atol=1e-6)
     single = mlflow.pyfunc.load_model(result["run_model_uri"]).predict(batch[0])
     assert single.shape == (1, 7)
     net = mlflow.pytorch.load_model(result["model_uri"])
@@ -178,7 +170,8 @@ def test_logged_model_predicts_like_the_export(tracked) -> None:
 
 
 def test_rerun_reuses_the_run_and_logs_nothing_twice(tracked) -> None:
-    from pipeline.tracking import client_for, run_track
+    from pipeline.io.mlflow_service import client_for
+    from pipeline.stages.track import run_track
 
     cfg, first = tracked
     second = run_track(cfg)
@@ -194,7 +187,8 @@ def test_rerun_reuses_the_run_and_logs_nothing_twice(tracked) -> None:
 
 
 def test_airflow_context_is_tagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.tracking import client_for, run_track
+    from pipeline.io.mlflow_service import client_for
+    from pipeline.stages.track import run_track
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "skin_twin")
@@ -212,7 +206,7 @@ def test_airflow_context_is_tagged(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_missing_inputs_are_a_pipeline_error(tmp_path: Path) -> None:
     from pipeline.errors import PipelineError
-    from pipeline.tracking import run_track
+    from pipeline.stages.track import run_track
 
     with pytest.raises(PipelineError, match="select stage"):
         run_track(make_cfg(tmp_path))

@@ -7,6 +7,7 @@ test_export / test_evaluate / test_predict: they write a small augmented set (cl
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,10 +21,10 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config, load_config
+from pipeline.core.schema import AUGMENTED_COLUMNS, PAIR_COLUMNS
 from pipeline.errors import DataError
 from pipeline.labels import CLASSES
 from pipeline.layout import Layout
-from pipeline.manifest import AUGMENTED_COLUMNS, PAIR_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +76,7 @@ def make_work(
                 )
     aug = pd.DataFrame(rows, columns=list(AUGMENTED_COLUMNS))
     aug.to_parquet(layout.augmented_manifest, index=False)
+    (layout.augmented_dir / "meta.json").write_text(json.dumps({"format": 1, "image_size": size}))
 
     train = aug[aug["split"] == "train"].reset_index(drop=True)
     labels = train["label"].to_numpy()
@@ -123,7 +125,7 @@ def _model_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_validation_pairs_deterministic_and_labelled() -> None:
-    from pipeline.train import validation_pairs
+    from pipeline.core.training import validation_pairs
 
     labels = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 6, 6])
     a = validation_pairs(labels, 7)
@@ -140,7 +142,7 @@ def test_validation_pairs_deterministic_and_labelled() -> None:
 
 
 def test_epoch_order_shards_cover_and_are_disjoint() -> None:
-    from pipeline.train import epoch_order, make_batches
+    from pipeline.core.training import epoch_order, make_batches
 
     full = epoch_order(11, 3, 1)
     assert sorted(full) == list(range(11))
@@ -155,7 +157,7 @@ def test_epoch_order_shards_cover_and_are_disjoint() -> None:
 
 
 def test_lr_factor_schedules() -> None:
-    from pipeline.train import lr_factor
+    from pipeline.core.training import lr_factor
 
     assert lr_factor(0, 10, 0, "constant") == 1.0
     assert lr_factor(0, 10, 0, "cosine") == pytest.approx(1.0)
@@ -165,7 +167,7 @@ def test_lr_factor_schedules() -> None:
 
 
 def test_random_flip_is_seeded() -> None:
-    from pipeline.train import random_flip
+    from pipeline.core.training import random_flip
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
     a = random_flip(x.clone(), torch.Generator().manual_seed(1))
@@ -181,7 +183,7 @@ def test_random_flip_is_seeded() -> None:
 
 
 def test_image_cache_builds_reuses_and_rebuilds(tmp_path: Path) -> None:
-    from pipeline.imagecache import load_image_cache
+    from pipeline.io.imagecache import load_image_cache
 
     paths = []
     for i in range(3):
@@ -189,20 +191,20 @@ def test_image_cache_builds_reuses_and_rebuilds(tmp_path: Path) -> None:
         Image.fromarray(np.full((20, 30, 3), 50 * i, np.uint8)).save(p)
         paths.append(p)
     ids = ["a", "b", "c"]
-    c1 = load_image_cache(ids, paths, 16, tmp_path / "cache")
+    c1 = load_image_cache(ids, paths, 16, tmp_path / "cache", workers=2)
     assert c1.array.shape == (3, 3, 16, 16) and c1.array.dtype == np.uint8
     assert c1.index == {"a": 0, "b": 1, "c": 2}
     assert int(c1.array[2].mean()) == 100
     assert np.array_equal(c1.rows(["c", "a"]), [2, 0])
     stamp = c1.path.stat().st_mtime_ns
-    c2 = load_image_cache(ids, paths, 16, tmp_path / "cache")
+    c2 = load_image_cache(ids, paths, 16, tmp_path / "cache", workers=2)
     assert c2.path == c1.path and c2.path.stat().st_mtime_ns == stamp  # reused, not rebuilt
-    c3 = load_image_cache(ids, paths, 8, tmp_path / "cache")  # other size -> other key
+    c3 = load_image_cache(ids, paths, 8, tmp_path / "cache", workers=2)  # other size -> other key
     assert c3.path != c1.path and c3.array.shape == (3, 3, 8, 8)
     # a changed input file rebuilds
     Image.fromarray(np.full((20, 30, 3), 7, np.uint8)).save(paths[0])
     os.utime(paths[0], ns=(stamp + 10**9, stamp + 10**9))
-    c4 = load_image_cache(ids, paths, 8, tmp_path / "cache")
+    c4 = load_image_cache(ids, paths, 8, tmp_path / "cache", workers=2)
     assert c4.path != c3.path and int(c4.array[0].mean()) == 7
     assert len(list((tmp_path / "cache").glob("images-*.npy"))) == 1  # stale caches removed
     with pytest.raises(DataError, match="not in the image cache"):
@@ -210,12 +212,12 @@ def test_image_cache_builds_reuses_and_rebuilds(tmp_path: Path) -> None:
 
 
 def test_image_cache_names_corrupt_file(tmp_path: Path) -> None:
-    from pipeline.imagecache import load_image_cache
+    from pipeline.io.imagecache import load_image_cache
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match="bad.png"):
-        load_image_cache(["x"], [bad], 8, tmp_path / "cache")
+        load_image_cache(["x"], [bad], 8, tmp_path / "cache", workers=2)
     assert not list((tmp_path / "cache").glob("*.npy"))  # nothing half-written
 
 
@@ -225,7 +227,8 @@ def test_image_cache_names_corrupt_file(tmp_path: Path) -> None:
 
 
 def test_run_train_outputs(tmp_path: Path) -> None:
-    from pipeline.train import HISTORY_COLUMNS, run_train
+    from pipeline.core.training import HISTORY_COLUMNS
+    from pipeline.stages.train import run_train
 
     layout = make_work(tmp_path / "w")
     cfg = tiny_cfg(tmp_path / "w", **{"train.epochs": 3})
@@ -252,7 +255,7 @@ def test_run_train_outputs(tmp_path: Path) -> None:
 
 
 def test_run_train_rejects_pairs_with_unknown_ids(tmp_path: Path) -> None:
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     layout = make_work(tmp_path / "w")
     pairs = pd.read_parquet(layout.pairs)
@@ -263,7 +266,7 @@ def test_run_train_rejects_pairs_with_unknown_ids(tmp_path: Path) -> None:
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    from pipeline.train import STOP_ENV, TrainingStopped, run_train
+    from pipeline.stages.train import STOP_ENV, TrainingStopped, run_train
 
     extra = {"train.epochs": 3, "pairs.epochs": 2}
     full = make_work(tmp_path / "full")
@@ -276,7 +279,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch
         run_train(cfg)
     assert len(pd.read_csv(killed.train_dir / "history.csv")) == 1
     monkeypatch.delenv(STOP_ENV)
-    caplog.set_level("INFO", logger="pipeline.train")
+    caplog.set_level("INFO", logger="pipeline.stages.train")
     summary = run_train(cfg)
     assert summary["resumed_after_epoch"] == 1
     assert "resuming" in caplog.text
@@ -295,11 +298,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch
 
 
 def test_changed_params_start_fresh(tmp_path: Path, caplog) -> None:
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     make_work(tmp_path / "w")
     run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1}))
-    caplog.set_level("INFO", logger="pipeline.train")
+    caplog.set_level("INFO", logger="pipeline.stages.train")
     summary = run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1, "train.lr": 0.001}))
     assert summary["resumed_after_epoch"] == 0
     assert "digest differs" in caplog.text
@@ -340,7 +343,7 @@ def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
 
 
 def test_dataloader_workers_do_not_change_the_result(tmp_path: Path) -> None:
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     make_work(tmp_path / "a")
     make_work(tmp_path / "b")
@@ -354,12 +357,12 @@ def test_dataloader_workers_do_not_change_the_result(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "extra",
     [
-        {"loss.alpha": "balanced", "train.optimizer": "sgd", "train.schedule": "onecycle"},
+        {"loss.alpha": "balanced", "train.optimizer": "sgd", "train.momentum": 0.9, "train.schedule": "onecycle"},
         {"train.schedule": "constant", "train.warmup_epochs": 1, "train.online_flip": False, "loss.gamma": 0.0},
     ],
 )
 def test_train_options(tmp_path: Path, extra: dict[str, Any]) -> None:
-    from pipeline.train import run_train
+    from pipeline.stages.train import run_train
 
     layout = make_work(tmp_path / "w")
     summary = run_train(tiny_cfg(tmp_path / "w", **extra))
@@ -367,3 +370,16 @@ def test_train_options(tmp_path: Path, extra: dict[str, Any]) -> None:
     assert np.isfinite(hist["val_loss_total"]).all() and summary["best_epoch"] in (1, 2)
     if extra.get("train.warmup_epochs"):
         assert hist["lr"].iloc[0] < hist["lr"].iloc[1] == pytest.approx(0.003)
+
+
+def test_image_size_comes_from_the_augmented_data_not_the_params(tmp_path: Path) -> None:
+    """``--set augment.image_size=96`` on train alone must not upsample the 32 px images it trains on."""
+    from pipeline.stages.train import run_train
+
+    layout = make_work(tmp_path / "w", size=32)
+    summary = run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1, "augment.image_size": 96}))
+    assert summary["image_size"] == 32
+    assert torch.load(layout.train_dir / "best.pt", weights_only=True)["image_size"] == 32
+    (layout.augmented_dir / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"meta\.json not found: run `python -m pipeline augment` first"):
+        run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1}))

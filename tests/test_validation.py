@@ -20,12 +20,13 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Config, load_config
+from pipeline.core.checks import build_tables
+from pipeline.core.schema import MANIFEST_COLUMNS
 from pipeline.errors import DataError, ValidationFailed
-from pipeline.imagefacts import FACT_COLUMNS
+from pipeline.io.imagefacts import FACT_COLUMNS
 from pipeline.labels import CLASSES
 from pipeline.layout import Layout
-from pipeline.manifest import MANIFEST_COLUMNS
-from pipeline.validation import build_tables, run_validate
+from pipeline.stages.validate import run_validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SPLIT = {"train": 2, "val": 1, "test": 1}

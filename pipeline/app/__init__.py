@@ -1,0 +1,1 @@
+"""The entry points: the stage table, the CLI, the Airflow glue, ``dvc.yaml`` generation, ``make run``."""

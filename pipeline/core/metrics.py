@@ -1,0 +1,105 @@
+"""Classification metrics for the seven-class test set (scikit-learn, wrapped for absent classes).
+
+scikit-learn computes every number; this wrapper fixes the conventions the project reports:
+
+* ``balanced_accuracy`` is the ISIC 2018 task 3 metric: the mean recall over the classes that
+  occur in ``y_true`` (a class absent from the test set cannot be recalled and is left out --
+  what ``sklearn.metrics.balanced_accuracy_score`` does, without its warning).
+* ``macro_auc`` is the mean one-vs-rest ROC AUC over the classes that have both positives and
+  negatives in ``y_true``; it is NaN when no class qualifies. ``auc_<cls>`` is NaN for a class
+  without positives or without negatives (scikit-learn would raise).
+* Undefined precision (class never predicted) and recall (class absent) are 0.0
+  (``zero_division=0``); ``support_<cls>`` tells them apart.
+* Predictions are ``argmax(probs)`` (ties -> lowest class index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+from pipeline.labels import CLASSES
+
+
+def _check(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != y.shape[0]:
+        raise ValueError(f"probs must be (N, C) with N = {y.shape[0]}, got shape {p.shape}")
+    if p.shape[1] != n_classes:
+        raise ValueError(f"probs has {p.shape[1]} columns, expected {n_classes} classes")
+    if not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
+        raise ValueError("y_true must hold integer class indices")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"y_true values must be in 0..{n_classes - 1}")
+    return y, p
+
+
+def confusion_matrix(y_true: np.ndarray | Sequence[int], y_pred: np.ndarray | Sequence[int], n: int) -> np.ndarray:
+    """(n, n) int64 counts; rows = true class, columns = predicted class."""
+    t = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    p = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {t.size} vs {p.size}")
+    for name, a in (("y_true", t), ("y_pred", p)):
+        if a.size and (a.min() < 0 or a.max() >= n):
+            raise ValueError(f"{name} values must be in 0..{n - 1}")
+    if not t.size:
+        return np.zeros((n, n), dtype=np.int64)
+    return skm.confusion_matrix(t, p, labels=np.arange(n)).astype(np.int64)
+
+
+def _auc(pos: np.ndarray, score: np.ndarray) -> float:
+    if pos.all() or not pos.any():
+        return float("nan")
+    return float(skm.roc_auc_score(pos.astype(int), score))
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """Flat metric dict: ``accuracy``, ``balanced_accuracy``, ``macro_auc``, ``macro_f1`` and
+    ``precision_/recall_/f1_/auc_/support_<cls>`` per class. Values are floats (support: int)."""
+    classes = list(classes)
+    n = len(classes)
+    y, p = _check(y_true, probs, n)
+    if y.size == 0:
+        raise ValueError("no samples")
+    pred = p.argmax(axis=1)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=np.arange(n), zero_division=0
+    )
+    aucs = np.array([_auc(y == c, p[:, c]) for c in range(n)])
+    present = support > 0
+    valid_auc = ~np.isnan(aucs)
+    out: dict[str, Any] = {
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_auc": float(aucs[valid_auc].mean()) if valid_auc.any() else float("nan"),
+        "macro_f1": float(f1[present].mean()),
+    }
+    for c, name in enumerate(classes):
+        out[f"precision_{name}"] = float(precision[c])
+        out[f"recall_{name}"] = float(recall[c])
+        out[f"f1_{name}"] = float(f1[c])
+        out[f"auc_{name}"] = float(aucs[c])
+        out[f"support_{name}"] = int(support[c])
+    return out
+
+
+def roc_curves(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """class name -> (fpr, tpr) one-vs-rest ROC curve, for classes with positives and negatives."""
+    classes = list(classes)
+    y, p = _check(y_true, probs, len(classes))
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for c, name in enumerate(classes):
+        pos = y == c
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = skm.roc_curve(pos.astype(int), p[:, c], drop_intermediate=False)
+        curves[name] = (np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float))
+    return curves

@@ -1,0 +1,191 @@
+"""Provenance facts gathered at tracking time: code, data, DVC, validation, pairs, Airflow.
+
+Written as MLflow run tags and dataset inputs by the ``track`` stage; read back by ``lineage``.
+Sources of each link:
+
+* **code**: ``git rev-parse HEAD`` / ``git status --porcelain`` in the project root; where there is
+  no git (a container image), the env vars ``SKIN_TWIN_GIT_COMMIT`` / ``SKIN_TWIN_GIT_DIRTY``
+  baked into the image at build time.
+* **params**: :meth:`pipeline.config.Config.digest` plus the logged params.
+* **data**: per split, the content digest :func:`pipeline.core.lineage.content_digest` = sha256 over
+  the sorted ``(sha256, label)`` rows (the images' bytes and their labels; independent of file
+  names, row order and paths).
+* **DVC**: the md5 of every stage output in ``dvc.lock`` (project root), when present.
+* **validation / pairs**: success flag and sha256 of ``reports/validation/result.json``; sha256 of
+  ``reports/pairs_summary.json`` (and of ``data/pairs.parquet``).
+* **Airflow**: ``AIRFLOW_CTX_DAG_ID``, ``AIRFLOW_CTX_DAG_RUN_ID``, ``AIRFLOW_CTX_TRY_NUMBER`` (set by
+  Airflow in every task's environment) or explicit arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import pipeline
+from pipeline.config import Config
+from pipeline.core.lineage import DATASET_DIGEST_CHARS, TAG, content_digest
+from pipeline.core.schema import SPLITS
+from pipeline.errors import PipelineError
+from pipeline.io.digests import file_sha256, path_sha256
+from pipeline.io.files import read_json
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+
+def _truthy(text: str | None) -> bool | None:
+    if text is None or text == "":
+        return None
+    return text.strip().lower() in ("1", "true", "yes", "dirty")
+
+
+def git_info(root: str | Path | None = None) -> dict[str, Any]:
+    """``{"commit", "dirty", "source"}`` from git in ``root`` (default: the project root), else
+    from the env vars baked into container images."""
+    root = PROJECT_ROOT if root is None else root
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+        if commit:
+            return {"commit": commit, "dirty": bool(status.strip()), "source": "git"}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    commit = os.environ.get("SKIN_TWIN_GIT_COMMIT") or None
+    return {
+        "commit": commit or "unknown",
+        "dirty": _truthy(os.environ.get("SKIN_TWIN_GIT_DIRTY")),
+        "source": "env" if commit else "none",
+    }
+
+
+def dvc_lock_hashes(path: str | Path) -> dict[str, str]:
+    """``{"<stage>:<out path>": hash}`` for every stage output in ``dvc.lock`` (empty if absent)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("%s: unreadable (%s); no DVC hashes recorded", path, exc)
+        return {}
+    out: dict[str, str] = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        for o in (body or {}).get("outs") or []:
+            if not isinstance(o, Mapping) or "path" not in o:
+                continue
+            value = o.get("md5") or o.get("hash") or o.get("etag") or o.get("checksum")
+            if value is None:
+                continue
+            out[f"{stage}:{o['path']}"] = str(value)
+    return out
+
+
+def airflow_context(
+    dag_id: str | None = None, dag_run_id: str | None = None, try_number: int | str | None = None
+) -> dict[str, str]:
+    """The Airflow run this process belongs to (explicit values win over ``AIRFLOW_CTX_*``)."""
+    ctx = {
+        "dag_id": dag_id or os.environ.get("AIRFLOW_CTX_DAG_ID"),
+        "dag_run_id": dag_run_id or os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"),
+        "try_number": try_number if try_number is not None else os.environ.get("AIRFLOW_CTX_TRY_NUMBER"),
+    }
+    return {k: str(v) for k, v in ctx.items() if v not in (None, "")}
+
+
+def validation_result(layout: Layout) -> dict[str, Any]:
+    """Success flag + digest of ``reports/validation/result.json`` (``success`` None when absent)."""
+    path = layout.validation_dir / "result.json"
+    data = read_json(path)
+    success = None
+    if isinstance(data, Mapping):
+        raw = data.get("success", data.get("passed"))
+        success = bool(raw) if raw is not None else None
+    return {"success": success, "digest": file_sha256(path), "path": str(path) if path.is_file() else None}
+
+
+def split_manifest(layout: Layout) -> tuple[pd.DataFrame, Path]:
+    """The manifest with per-image sha256 and split: validated.parquet, else manifest.parquet."""
+    for path in (layout.validated_manifest, layout.manifest):
+        if path.is_file():
+            df = pd.read_parquet(path)
+            missing = [c for c in ("sha256", "label", "split") if c not in df.columns]
+            if missing:
+                raise PipelineError(f"{path}: missing column(s) {missing}")
+            return df, path
+    raise PipelineError(f"{layout.validated_manifest}: not found (run ingest and validate first)")
+
+
+def split_datasets(layout: Layout) -> dict[str, dict[str, Any]]:
+    """Per split: the rows, their content digest, the source manifest path."""
+    df, path = split_manifest(layout)
+    out: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        part = df[df["split"].astype(str) == split].reset_index(drop=True)
+        if part.empty:
+            continue
+        digest = content_digest(part)
+        out[split] = {
+            "df": part,
+            "digest": digest,
+            # MLflow caps dataset digests at 36 characters: the first 32 hex digits (128 bits).
+            "dataset_digest": digest[:DATASET_DIGEST_CHARS],
+            "source": path.resolve().as_uri(),
+            "rows": len(part),
+        }
+    return out
+
+
+def lineage_tags(
+    cfg: Config,
+    *,
+    datasets: Mapping[str, Mapping[str, Any]] | None = None,
+    airflow: Mapping[str, str] | None = None,
+    project_root: str | Path | None = None,
+) -> dict[str, str]:
+    """Every lineage fact of this pipeline run as MLflow tags (string values; unknowns left out)."""
+    project_root = PROJECT_ROOT if project_root is None else project_root
+    layout = Layout.from_config(cfg)
+    git = git_info(project_root)
+    tags: dict[str, Any] = {
+        f"{TAG}git_commit": git["commit"],
+        f"{TAG}git_dirty": git["dirty"],
+        f"{TAG}git_source": git["source"],
+        f"{TAG}params_digest": cfg.digest(),
+        f"{TAG}version": pipeline.__version__,
+        f"{TAG}work_dir": str(layout.work_dir.resolve()),
+        f"{TAG}export_digest": path_sha256(layout.export_dir),
+    }
+    if git["commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = git["commit"]
+    for split, info in (datasets or {}).items():
+        tags[f"{TAG}data_digest.{split}"] = info["digest"]
+        tags[f"{TAG}data_rows.{split}"] = info["rows"]
+    val = validation_result(layout)
+    tags[f"{TAG}validation.success"] = val["success"]
+    tags[f"{TAG}validation.digest"] = val["digest"]
+    tags[f"{TAG}pairs.summary_digest"] = file_sha256(layout.pairs_summary)
+    tags[f"{TAG}pairs.manifest_digest"] = file_sha256(layout.pairs)
+    lock_path = Path(project_root) / "dvc.lock"
+    tags[f"{TAG}dvc.lock_digest"] = file_sha256(lock_path)
+    for key, value in dvc_lock_hashes(lock_path).items():
+        stage, _, out = key.partition(":")
+        tags[f"{TAG}dvc.{stage}.{out}"] = value
+    for key, value in (airflow or {}).items():
+        tags[f"{TAG}airflow.{key}"] = value
+    return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in tags.items() if v not in (None, "")}

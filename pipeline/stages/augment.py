@@ -1,0 +1,55 @@
+"""Stage ``augment``: validated manifest -> ``data/augmented/`` (images, manifest.parquet, meta.json).
+
+Reads the validated manifest, plans the outputs (:func:`pipeline.core.augment.plan_outputs`) and
+writes them through :mod:`pipeline.io.augment_writer` into one folder that replaces the old one
+atomically. ``meta.json`` records the side of the written images, which is what ``train`` trains at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.core.augment import copy_seed, plan_outputs, summarize
+from pipeline.core.schema import AUGMENTED_COLUMNS, SPLITS
+from pipeline.errors import DataError
+from pipeline.io.augment_writer import WriteTask, write_all
+from pipeline.io.files import atomic_dir
+from pipeline.io.manifests import AUGMENTED_META, read_validated
+from pipeline.io.readers import data_root
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def run_augment(cfg: Config) -> dict[str, Any]:
+    layout = Layout.from_config(cfg)
+    manifest = read_validated(layout.validated_manifest)
+    root = data_root(cfg)
+    plan, per_class = plan_outputs(manifest, cfg.augment)
+    with atomic_dir(layout.augmented_dir) as tmp:
+        for split in SPLITS:
+            (tmp / split).mkdir()
+        tasks = [
+            WriteTask(
+                source=str(root / src),
+                outputs=tuple(
+                    (str(tmp / p), int(k), copy_seed(cfg.seed, sid, int(k)))
+                    for p, k, sid in zip(g["path"], g["copy"], g["source_id"], strict=True)
+                ),
+            )
+            for src, g in plan.groupby("source_path", sort=False)
+        ]
+        errors = write_all(tasks, cfg.augment)
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise DataError(errors[0] + more)
+        out = plan[list(AUGMENTED_COLUMNS)].reset_index(drop=True)
+        out.to_parquet(tmp / layout.augmented_manifest.name, index=False)
+        meta = {"format": 1, "image_size": cfg.augment.image_size, "images": len(out)}
+        (tmp / AUGMENTED_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    summary = summarize(plan, per_class, cfg.augment)
+    log.info("augment: %s images written to %s", summary["images"], layout.augmented_dir)
+    return {**summary, "out": str(layout.augmented_dir)}

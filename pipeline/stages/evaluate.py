@@ -1,0 +1,124 @@
+"""Stage ``evaluate``: the exported model on the test split -- metrics, plots, CAM samples (S3 + S4).
+
+Writes
+
+* ``reports/metrics.json`` (:attr:`Layout.metrics`): flat keys ``accuracy``,
+  ``balanced_accuracy``, ``macro_auc``, the per-class ``precision_/recall_/f1_/auc_/support_<cls>``
+  of :func:`pipeline.core.metrics.classification_metrics`, plus ``params_inference``,
+  ``params_train``, ``selected_branch``, ``val_loss_branch1``, ``val_loss_branch2``, ``best_epoch``
+  and ``test_images`` (from the export's ``config.json``, so evaluate depends only on the export and
+  the data). Non-finite values (e.g. the AUC of a class absent from the test split) are written as
+  ``null`` so the file stays strict JSON for DVC.
+* ``reports/plots/``: ``confusion_matrix.png``, ``roc.png`` and the DVC plot data ``confusion.csv``
+  (``actual,predicted`` per test image). The training curves are plotted by DVC straight from
+  ``models/train/history.csv`` (declared in the stage table), not copied here.
+* ``reports/cam/``: up to ``evaluate.cam_per_class`` CAM overlays per class for correct and for
+  wrong predictions, ``<cls>_<correct|wrong>_<image_id>.png``, and ``grid.png`` with all of them:
+  per true class the most confident correct and the most confident wrong predictions
+  (:func:`pipeline.core.evaluation.select_cam_samples`).
+* ``reports/predictions_test.csv``: ``image_id, label, predicted, correct`` and one probability
+  column per class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.core.cam import overlay
+from pipeline.core.evaluation import flat_metrics, select_cam_samples
+from pipeline.core.inference import Model, cam_of
+from pipeline.core.metrics import confusion_matrix
+from pipeline.core.plots import confusion_png, grid_png, roc_png
+from pipeline.core.schema import AUGMENTED_COLUMNS
+from pipeline.errors import PipelineError
+from pipeline.io.files import atomic_dir, write_json, write_table
+from pipeline.io.manifests import read_parquet, split_rows
+from pipeline.io.modelstore import load_exported
+from pipeline.io.overlays import save_overlay_png
+from pipeline.io.scoring import label_index, load_images, score_model
+from pipeline.labels import CLASSES
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def write_cam_samples(
+    exported: Model,
+    images: np.ndarray,
+    ids: Sequence[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    per_class: int,
+    folder: Path,
+    alpha: float,
+) -> list[str]:
+    """CAM overlays of the selected samples + ``grid.png`` into ``folder``; returns file names."""
+    tiles: list[tuple[np.ndarray, str]] = []
+    names: list[str] = []
+    for c, kind, row in select_cam_samples(y_true, probs, per_class):
+        img = np.ascontiguousarray(images[row].transpose(1, 2, 0))
+        cam, pred, p = cam_of(exported, images[row])
+        name = f"{CLASSES[c]}_{kind}_{ids[row]}.png"
+        save_overlay_png(folder / name, img, cam, alpha)
+        names.append(name)
+        tiles.append((overlay(img, cam, alpha), f"{CLASSES[c]} -> {CLASSES[pred]} ({float(p[pred]):.2f})"))
+    (folder / "grid.png").write_bytes(grid_png(tiles))
+    return names
+
+
+def run_evaluate(cfg: Config) -> dict[str, Any]:
+    layout = Layout.from_config(cfg)
+    if not (layout.export_dir / "config.json").is_file():
+        raise PipelineError(f"{layout.export_dir}: no exported model (run the select stage first)")
+    exported = load_exported(layout.export_dir)
+    aug = read_parquet(layout.augmented_manifest, "augment", AUGMENTED_COLUMNS)
+    test = split_rows(aug, "test", str(layout.augmented_manifest))
+
+    metrics, probs = score_model(exported, test, layout.augmented_dir, cfg)
+    y_true = label_index(test, str(layout.augmented_manifest))
+    y_pred = probs.argmax(axis=1)
+    ids = test["image_id"].astype(str).tolist()
+    cm = np.asarray(confusion_matrix(y_true, y_pred, len(exported.classes)))
+
+    with atomic_dir(layout.plots_dir) as tmp:
+        (tmp / "confusion_matrix.png").write_bytes(confusion_png(cm, exported.classes))
+        (tmp / "roc.png").write_bytes(roc_png(y_true, probs, metrics))
+        pd.DataFrame(
+            {"actual": [CLASSES[i] for i in y_true], "predicted": [CLASSES[i] for i in y_pred]}
+        ).to_csv(tmp / "confusion.csv", index=False)
+
+    images = load_images(test, layout.augmented_dir, exported.image_size, cfg)
+    ev = cfg.evaluate
+    with atomic_dir(layout.cam_dir) as tmp:
+        cam_files = write_cam_samples(exported, images, ids, y_true, probs, ev.cam_per_class, tmp, cfg.cam.alpha)
+
+    pred_df = pd.DataFrame(probs, columns=list(exported.classes))
+    pred_df.insert(0, "correct", (y_true == y_pred).astype(int))
+    pred_df.insert(0, "predicted", [CLASSES[i] for i in y_pred])
+    pred_df.insert(0, "label", [CLASSES[i] for i in y_true])
+    pred_df.insert(0, "image_id", ids)
+    write_table(layout.predictions, pred_df)
+
+    flat = flat_metrics(metrics, exported.meta, len(test))
+    write_json(layout.metrics, flat)
+    log.info(
+        "test: accuracy %.4f, balanced accuracy %.4f, macro AUC %s on %d images (branch %s)",
+        flat.get("accuracy") or 0.0, flat.get("balanced_accuracy") or 0.0, flat.get("macro_auc"), len(test),
+        flat.get("selected_branch"),
+    )  # fmt: skip
+    return {
+        "accuracy": flat.get("accuracy"),
+        "balanced_accuracy": flat.get("balanced_accuracy"),
+        "macro_auc": flat.get("macro_auc"),
+        "selected_branch": flat.get("selected_branch"),
+        "test_images": len(test),
+        "cam_files": len(cam_files),
+        "metrics": str(layout.metrics),
+    }

@@ -1,0 +1,157 @@
+"""Stage ``register``: model registry with a champion/challenger gate (aliases, no stages).
+
+After ``track``:
+
+1. Registers the run's LoggedModel (``reports/mlflow.json``) as a new version of
+   ``registry.model_name`` (a re-run finds the version it registered before) and points the
+   alias ``challenger`` at it.
+2. **Gate.** Scores the challenger and the current ``champion`` on the *same* test manifest, this
+   run's test split (``data/augmented/manifest.parquet``), with
+   :func:`pipeline.io.scoring.score_model`; both models are downloaded from the registry, so what
+   is scored is exactly what the aliases point at. :func:`pipeline.core.gate.gate_decision` promotes the challenger
+   (``champion`` moves to it) only when its balanced accuracy beats the champion's by at least
+   ``registry.margin`` and reaches ``registry.floor``; with no champion yet, the floor alone decides.
+3. Records the decision, reason and both scores as version tags (``gate.*``) and in the version
+   description, and under ``registry`` in the tracking record.
+
+A failure anywhere (download, scoring, the registry itself) restores the aliases captured before
+the stage began, then re-raises; a newly registered version may remain, tagged
+``gate.decision=error``, but no alias points at it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.core.gate import gate_decision, manifest_digest
+from pipeline.core.schema import AUGMENTED_COLUMNS
+from pipeline.errors import PipelineError
+from pipeline.io import scoring
+from pipeline.io.files import read_json_object, write_json
+from pipeline.io.manifests import read_parquet, split_rows
+from pipeline.io.mlflow_service import client_for, redact, resolve_tracking_uri
+from pipeline.io.modelstore import load_exported
+from pipeline.io.registry import (
+    CHALLENGER,
+    CHAMPION,
+    download_version,
+    find_or_register,
+    get_aliases,
+    restore_aliases,
+)
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def _test_manifest(layout: Layout) -> pd.DataFrame:
+    aug = read_parquet(layout.augmented_manifest, "augment", AUGMENTED_COLUMNS)
+    return split_rows(aug, "test", str(layout.augmented_manifest), "the gate scores on the test split")
+
+
+def score_export(folder: Path, test: pd.DataFrame, layout: Layout, cfg: Config) -> float | None:
+    """Balanced accuracy of an export folder on ``test`` (via :func:`pipeline.io.scoring.score_model`)."""
+    metrics, _ = scoring.score_model(load_exported(folder), test, layout.augmented_dir, cfg)
+    ba = metrics.get("balanced_accuracy")
+    return None if ba is None or not math.isfinite(float(ba)) else float(ba)
+
+
+def run_register(cfg: Config) -> dict[str, Any]:
+    """Returns the decision summary (also written under ``registry`` in the tracking record)."""
+    layout = Layout.from_config(cfg)
+    record = read_json_object(layout.tracking_record)
+    if not record.get("run_id") or not record.get("model_uri"):
+        raise PipelineError(f"{layout.tracking_record}: no tracked run/model (run the track stage first)")
+    if record.get("tracking_uri") and record["tracking_uri"] != redact(resolve_tracking_uri(cfg)):
+        raise PipelineError(
+            f"{layout.tracking_record}: the run was tracked in {record['tracking_uri']}, "
+            f"not in {redact(resolve_tracking_uri(cfg))} (run track against this store first)"
+        )
+    rc = cfg.registry
+    name = rc.model_name
+    client = client_for(cfg)
+    before = get_aliases(client, name)
+    version = None
+    try:
+        version = find_or_register(client, name, record)
+        v = str(version.version)
+        client.set_registered_model_alias(name, CHALLENGER, v)
+
+        test = _test_manifest(layout)
+        challenger_ba = score_export(download_version(client, version, cfg), test, layout, cfg)
+        champ_v = before.get(CHAMPION)
+        champion_ba: float | None = None
+        if champ_v is not None:
+            if champ_v == v:
+                champion_ba = challenger_ba
+            else:
+                champ = client.get_model_version(name, champ_v)
+                champion_ba = score_export(download_version(client, champ, cfg), test, layout, cfg)
+
+        if champ_v == v:
+            promote, reason = False, f"version {v} is already the champion (balanced accuracy {challenger_ba})"
+        else:
+            promote, reason = gate_decision(challenger_ba, champion_ba, rc.margin, rc.floor)
+        decision = "promoted" if promote else ("already-champion" if champ_v == v else "kept-champion" if champ_v else "rejected")
+        fmt = lambda x: "none" if x is None else f"{x:.6f}"  # noqa: E731
+        tags = {
+            "gate.decision": decision,
+            "gate.promoted": str(promote).lower(),
+            "gate.reason": reason,
+            "gate.challenger_balanced_accuracy": fmt(challenger_ba),
+            "gate.champion_balanced_accuracy": fmt(champion_ba),
+            "gate.champion_version": champ_v or "none",
+            "gate.margin": str(rc.margin),
+            "gate.floor": str(rc.floor),
+            "gate.test_images": str(len(test)),
+            "gate.test_digest": manifest_digest(test),
+            "skin_twin.run_id": record["run_id"],
+        }
+        for k, val in tags.items():
+            client.set_model_version_tag(name, v, k, val)
+        client.update_model_version(
+            name,
+            v,
+            description=(
+                f"Gate: {decision}. {reason}. Challenger v{v} balanced accuracy {fmt(challenger_ba)}; "
+                f"champion {'v' + champ_v if champ_v else '(none)'} {fmt(champion_ba)}; "
+                f"same test split of {len(test)} images (digest {tags['gate.test_digest'][:12]}); "
+                f"margin {rc.margin}, floor {rc.floor}. Run {record['run_id']}."
+            ),
+        )
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, v)
+    except BaseException:
+        if version is not None:
+            try:
+                client.set_model_version_tag(name, str(version.version), "gate.decision", "error")
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        try:
+            restore_aliases(client, name, before)
+        except Exception as exc:  # noqa: BLE001 - report, keep the original error
+            log.error("could not restore the aliases of %s to %s: %s", name, before, exc)
+        raise
+
+    after = get_aliases(client, name)
+    summary = {
+        "model_name": name,
+        "version": v,
+        "promoted": promote,
+        "decision": decision,
+        "reason": reason,
+        "challenger_balanced_accuracy": challenger_ba,
+        "champion_balanced_accuracy": champion_ba,
+        "previous_champion_version": champ_v,
+        "champion_version": after.get(CHAMPION),
+        "aliases": after,
+    }
+    write_json(layout.tracking_record, {**record, "registry": summary})
+    log.info("registered %s v%s: %s (%s)", name, v, decision, reason)
+    return summary

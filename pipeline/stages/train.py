@@ -1,0 +1,401 @@
+"""Stage ``train``: the twin network on the pair manifest; lowest-validation-loss state kept (S2).
+
+Reads the augmented manifest (and its ``meta.json``: the image size to train at is the size the
+images were written at, never ``augment.image_size`` of the current params) and the pair manifest,
+decodes every train and val image once into a memory-mapped uint8 cache
+(:mod:`pipeline.io.imagecache`) and trains :class:`pipeline.core.model.TwinNet` with the joint loss
+``A * focal(branch 1) + B * focal(branch 2) + C * CE(discriminator)`` through the pure loop
+pieces of :mod:`pipeline.core.training` (design choices there).
+
+* **Resumable and reproducible.** ``last.pt`` is written atomically after every epoch with model,
+  optimizer, scheduler, grad scaler, every RNG state (per rank), history and the best state so
+  far. Re-running the same command resumes after the last completed epoch; on CPU the result is
+  bitwise identical to an uninterrupted run. ``last.pt`` stores a digest of the training-relevant
+  params (seed, model, loss, train except progress/num_workers/cpu_threads/device), the input
+  data and the world size; if it does not match, training starts fresh (logged). A finished run
+  re-run with the same inputs retrains nothing and rewrites the same outputs.
+  ``SKIN_TWIN_STOP_AFTER_EPOCH=N`` (environment) stops the run right after epoch ``N``'s
+  checkpoint, to simulate a kill in tests.
+* **Devices and DDP** (:mod:`pipeline.io.compute`). Under ``torchrun`` with ``WORLD_SIZE > 1`` the
+  model is wrapped in ``DistributedDataParallel``; ``train.batch_size`` is per process. Only rank 0
+  writes files.
+* **Data loading.** Batches are gathered from the uint8 cache; with ``train.num_workers > 0`` a
+  ``DataLoader`` gathers whole batches in worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.config import Config
+from pipeline.core.losses import class_alpha
+from pipeline.core.model import build_twin, count_parameters, inference_model
+from pipeline.core.schema import PAIR_COLUMNS
+from pipeline.core.training import (
+    HISTORY_COLUMNS,
+    BatchSet,
+    PairEpoch,
+    TrainData,
+    build_optimizer,
+    build_scheduler,
+    cpu_state,
+    epoch_batches,
+    iter_batches,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    train_epoch,
+    validate,
+    validation_pairs,
+)
+from pipeline.errors import DataError, PipelineError
+from pipeline.io import checkpoints
+from pipeline.io.compute import Dist, init_dist, resolve_device
+from pipeline.io.files import write_json, write_table
+from pipeline.io.imagecache import load_image_cache
+from pipeline.io.manifests import check_labels, read_augmented, read_pairs, split_rows
+from pipeline.labels import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+STOP_ENV = "SKIN_TWIN_STOP_AFTER_EPOCH"
+# Train params that change neither the arithmetic nor the result (not part of the digest).
+_NON_SEMANTIC_TRAIN_KEYS = ("progress", "num_workers", "cpu_threads", "device")
+
+
+class TrainingStopped(PipelineError):
+    """Raised after the checkpoint of the epoch named by ``SKIN_TWIN_STOP_AFTER_EPOCH``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _label_index(series: pd.Series, where: str) -> np.ndarray:
+    check_labels(series.to_frame("label"), where)
+    return series.astype(str).map(CLASS_TO_INDEX).to_numpy(dtype=np.int64)
+
+
+def _frame_digest(df: pd.DataFrame) -> str:
+    hashed = pd.util.hash_pandas_object(df.reset_index(drop=True), index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes()).hexdigest()
+
+
+def _pair_epochs(pairs: pd.DataFrame, train_index: dict[str, int], labels: np.ndarray, where: Path,
+                 aug_path: Path) -> list[PairEpoch]:
+    """The pair manifest as row indices per epoch, checked against the augmented manifest."""
+    for col in ("left_id", "right_id"):
+        unknown = sorted(set(pairs[col]) - set(train_index))
+        if unknown:
+            raise DataError(f"{where}: {col} not among the train images of the augmented manifest: {unknown[:5]}")
+    left = pairs["left_id"].map(train_index).to_numpy(dtype=np.int64)
+    right = pairs["right_id"].map(train_index).to_numpy(dtype=np.int64)
+    if not np.array_equal(labels[left], _label_index(pairs["left_label"], str(where))) or not np.array_equal(
+        labels[right], _label_index(pairs["right_label"], str(where))
+    ):
+        raise DataError(f"{where}: pair labels disagree with {aug_path}")
+    same = (labels[left] == labels[right]).astype(np.int64)
+    if not np.array_equal(same, pairs["same"].astype(np.int64).to_numpy()):
+        log.warning("%s: 'same' column disagrees with the labels; using the labels", where)
+    epoch_col = pairs["epoch"].to_numpy()
+    out = []
+    for ep in sorted(pd.unique(epoch_col)):
+        sel = np.flatnonzero(epoch_col == ep)
+        if sel.size >= 2:
+            out.append(PairEpoch(left[sel], right[sel], same[sel]))
+    if not out:
+        raise DataError(f"{where}: no pair epoch with at least 2 pairs")
+    return out
+
+
+def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainData:
+    """Read manifests, check them, build/reuse the image cache. Raises :class:`DataError`."""
+    layout = Layout.from_config(cfg)
+    aug, meta = read_augmented(layout.augmented_dir)
+    pairs = read_pairs(layout.pairs)
+    where = str(layout.augmented_manifest)
+    train_df = split_rows(aug, "train", where)
+    val_df = split_rows(aug, "val", where, "model selection needs the val split")
+    used = pd.concat([train_df, val_df], ignore_index=True)
+    if used["image_id"].duplicated().any():
+        dup = used.loc[used["image_id"].duplicated(), "image_id"].head(5).tolist()
+        raise DataError(f"{where}: duplicate image_id(s) {dup}")
+    labels = _label_index(used["label"], where)
+    paths = [layout.augmented_dir / p for p in used["path"].astype(str)]
+    ids = used["image_id"].tolist()
+    size = int(meta["image_size"])
+
+    # Rank 0 builds the cache; the other ranks wait for it and then map the same file.
+    kwargs = {"workers": cfg.train.cache_workers}
+    if rank == 0:
+        cache = load_image_cache(ids, paths, size, layout.cache_dir, name="train", **kwargs)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        cache = load_image_cache(ids, paths, size, layout.cache_dir, name="train", build=False, **kwargs)
+
+    train_index = {i: r for r, i in enumerate(train_df["image_id"])}
+    n_train = len(train_df)
+    pairs = pairs.assign(left_id=pairs["left_id"].astype(str), right_id=pairs["right_id"].astype(str))
+    pair_epochs = _pair_epochs(pairs, train_index, labels, layout.pairs, layout.augmented_manifest)
+
+    val_rows = np.arange(n_train, len(used), dtype=np.int64)
+    vl, vr, vs = validation_pairs(labels[val_rows], cfg.seed)
+    class_counts = np.bincount(labels[:n_train], minlength=NUM_CLASSES)
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "cache": cache.path.name if cache.path else "",
+                "size": size,
+                "used": _frame_digest(used[["image_id", "path", "label", "split"]].astype(str)),
+                "pairs": _frame_digest(pairs[list(PAIR_COLUMNS)].astype(str)),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    return TrainData(
+        images=cache,
+        labels=labels,
+        pair_epochs=pair_epochs,
+        val_rows=val_rows,
+        val_pairs=PairEpoch(val_rows[vl], val_rows[vr], vs),
+        class_counts=class_counts,
+        image_size=size,
+        digest=digest,
+    )
+
+
+def train_digest(cfg: Config, data: TrainData, world: int) -> str:
+    """What a checkpoint must match to be resumed: training-relevant params + input data."""
+    tc = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NON_SEMANTIC_TRAIN_KEYS}
+    payload = {
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(mode="json"),
+        "loss": cfg.loss.model_dump(mode="json"),
+        "train": tc,
+        "image_size": data.image_size,
+        "data": data.digest,
+        "world": world,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    """The ``train`` stage. Returns a JSON-able summary (best epoch, losses, parameter counts)."""
+    dist = init_dist()
+    try:
+        return _run(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    layout = Layout.from_config(cfg)
+    tc = cfg.train
+    if tc.cpu_threads > 0:
+        torch.set_num_threads(tc.cpu_threads)
+    ds = resolve_device(tc, dist.local_rank)
+    data = load_train_data(cfg, dist.rank, dist.barrier if dist.enabled else None)
+    digest = train_digest(cfg, data, dist.world)
+
+    seed_everything(cfg.seed)
+    twin = build_twin(cfg.model, NUM_CLASSES)
+    params_train = count_parameters(twin)
+    params_inference = count_parameters(inference_model(twin, 0))
+    twin.to(ds.device)
+    if ds.channels_last:
+        twin.to(memory_format=torch.channels_last)
+    alpha_vals = class_alpha(cfg.loss.alpha, data.class_counts)
+    alpha = None if alpha_vals is None else torch.as_tensor(alpha_vals, dtype=torch.float32, device=ds.device)
+
+    opt = build_optimizer(twin.parameters(), tc)
+    per_epoch_batches = [
+        len(epoch_batches(data, e, tc.batch_size, cfg.seed, dist.rank, dist.world)[1]) for e in range(tc.epochs)
+    ]
+    total_steps = sum(per_epoch_batches)
+    warmup_steps = sum(per_epoch_batches[: tc.warmup_epochs])
+    sched = build_scheduler(opt, tc, total_steps, warmup_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
+    # Dropout draws differ per rank (the model init above is identical on every rank).
+    torch.manual_seed(cfg.seed + dist.rank)
+
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] | None = None
+    start_epoch = 0
+    last_path = layout.train_dir / "last.pt"
+    best_path = layout.train_dir / "best.pt"
+    ckpt = checkpoints.load_resumable(last_path, digest)
+    if ckpt is not None:
+        twin.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        if len(rng) == dist.world:
+            set_rng_state(rng[dist.rank], gen)
+        history = list(ckpt["history"])
+        best = ckpt["best"]
+        start_epoch = int(ckpt["epoch"])
+        if dist.is_main:
+            log.info("resuming from %s after epoch %d of %d", last_path, start_epoch, tc.epochs)
+    elif dist.is_main:
+        layout.train_dir.mkdir(parents=True, exist_ok=True)
+        log.info("training from scratch: %d epochs, %s, world size %d", tc.epochs, ds.describe(), dist.world)
+    dist.barrier()
+
+    model: torch.nn.Module = twin
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            twin, device_ids=[ds.device.index] if ds.device.type == "cuda" else None
+        )
+    model.train()
+
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    val_batch = max(cfg.evaluate.batch_size, tc.batch_size)
+    for epoch in range(start_epoch, tc.epochs):
+        t0 = time.perf_counter()
+        pe, batches = epoch_batches(data, epoch, tc.batch_size, cfg.seed, dist.rank, dist.world)
+        lr_epoch = float(opt.param_groups[0]["lr"])
+        bar = _progress(len(batches), f"epoch {epoch + 1}/{tc.epochs}", tc.progress and dist.is_main)
+
+        def on_step(sums: dict[str, float], n_seen: float) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k.replace("train_", ""): f"{v / n_seen:.4f}" for k, v in sums.items()})
+
+        sums, n_seen = train_epoch(
+            model,
+            iter_batches(BatchSet(data.images, data.labels, pe, batches), tc.num_workers, ds.device.type == "cuda"),
+            opt=opt, sched=sched, scaler=scaler, gen=gen, tc=tc, loss_cfg=cfg.loss, alpha=alpha, ds=ds,
+            epoch=epoch, on_step=on_step,
+        )  # fmt: skip
+        if bar is not None:
+            bar.close()
+        keys = list(sums)
+        reduced = dist.all_reduce_sum([sums[k] for k in keys] + [n_seen], ds.device)
+        train_means = {k: v / max(reduced[-1], 1.0) for k, v in zip(keys, reduced[:-1], strict=True)}
+        dist.broadcast_buffers(twin)  # same batch-norm statistics on every rank before validating
+        val = validate(
+            twin, data, cfg.loss, val_batch, ds, alpha, dist.rank, dist.world,
+            lambda v: dist.all_reduce_sum(v, ds.device),
+        )  # fmt: skip
+        row = {"epoch": epoch + 1, **train_means, **val, "lr": lr_epoch, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        improved = best is None or val["val_loss_total"] < best["val_loss_total"]
+        if improved:
+            best = {"epoch": epoch + 1, **val, "state": cpu_state(twin)}
+        rng_states = dist.gather_objects(rng_state(gen))
+        if dist.is_main:
+            log.info(
+                "epoch %d/%d: train %.4f | val b1 %.4f b2 %.4f disc %.4f total %.4f%s (%.1fs)",
+                epoch + 1, tc.epochs, train_means["train_loss"], val["val_loss_branch1"], val["val_loss_branch2"],
+                val["val_loss_discriminator"], val["val_loss_total"], " *best*" if improved else "", row["seconds"],
+            )  # fmt: skip
+            assert best is not None
+            if improved:
+                checkpoints.save(best_path, _best_payload(best, cfg, data, params_train, params_inference, digest))
+            checkpoints.save(
+                last_path,
+                {
+                    "format": checkpoints.CHECKPOINT_FORMAT,
+                    "digest": digest,
+                    "epoch": epoch + 1,
+                    "model": cpu_state(twin),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if ds.grad_scaler else None,
+                    "rng": rng_states,
+                    "history": history,
+                    "best": best,
+                },
+            )
+            _write_history(layout.train_dir, history)
+        dist.barrier()
+        if stop_after and epoch + 1 == stop_after and epoch + 1 < tc.epochs:
+            raise TrainingStopped(f"stopped after epoch {epoch + 1} ({STOP_ENV}={stop_after}); re-run to resume")
+
+    assert best is not None
+    summary = {
+        "epochs": tc.epochs,
+        "resumed_after_epoch": start_epoch,
+        "best_epoch": best["epoch"],
+        "val_loss_total": best["val_loss_total"],
+        "val_loss_branch1": best["val_loss_branch1"],
+        "val_loss_branch2": best["val_loss_branch2"],
+        "val_loss_discriminator": best["val_loss_discriminator"],
+        "params_train": params_train,
+        "params_inference": params_inference,
+        "device": ds.describe(),
+        "world_size": dist.world,
+        "image_size": data.image_size,
+        "train_images": int(len(data.labels) - len(data.val_rows)),
+        "val_images": int(len(data.val_rows)),
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    if dist.is_main:
+        if not best_path.is_file():  # resumed a finished run whose best.pt went missing
+            checkpoints.save(best_path, _best_payload(best, cfg, data, params_train, params_inference, digest))
+        _write_history(layout.train_dir, history)
+        write_json(
+            layout.train_dir / "best.json",
+            {k: best[k] for k in ("epoch", "val_loss_branch1", "val_loss_branch2", "val_loss_discriminator", "val_loss_total")}
+            | {"params_train": params_train, "params_inference": params_inference},
+        )
+    return summary
+
+
+def _best_payload(
+    best: dict[str, Any], cfg: Config, data: TrainData, params_train: int, params_inference: int, digest: str
+) -> dict[str, Any]:
+    """``best.pt``: only tensors and plain values, so ``torch.load(weights_only=True)`` reads it."""
+    return {
+        "format": checkpoints.CHECKPOINT_FORMAT,
+        "model": best["state"],
+        "epoch": int(best["epoch"]),
+        "val_loss_branch1": float(best["val_loss_branch1"]),
+        "val_loss_branch2": float(best["val_loss_branch2"]),
+        "val_loss_discriminator": float(best["val_loss_discriminator"]),
+        "val_loss_total": float(best["val_loss_total"]),
+        "model_config": json.loads(json.dumps(cfg.model.model_dump(mode="json"))),
+        "num_classes": NUM_CLASSES,
+        "classes": list(CLASSES),
+        "image_size": int(data.image_size),
+        "params_train": int(params_train),
+        "params_inference": int(params_inference),
+        "train_digest": digest,
+        "config_digest": cfg.digest(),
+    }
+
+
+def _write_history(train_dir: Path, history: list[dict[str, float]]) -> None:
+    rows = [{k: r[k] for k in HISTORY_COLUMNS} for r in history]
+    write_table(train_dir / "history.csv", pd.DataFrame(rows, columns=list(HISTORY_COLUMNS)))
+    write_json(train_dir / "history.json", rows)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
