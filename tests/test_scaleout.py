@@ -25,8 +25,10 @@ import pytest
 from airflow_env import DAG_ID, VENV_BIN, ProcessGroup, airflow_cli, airflow_env, free_port, run_overrides, write_params
 
 PG_URL = os.environ.get("SKIN_TWIN_PG_URL", "postgresql://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("SKIN_TWIN_REDIS_URL", "redis://127.0.0.1:6379/11")
-DB_NAME = os.environ.get("SKIN_TWIN_AIRFLOW_TEST_DB", "skin_twin_airflow_test")
+# Per-process database names and Redis DB index, so that two test runs on one machine (CI and a
+# developer, or two worktrees) never share an Airflow metadata DB or a Celery broker.
+REDIS_URL = os.environ.get("SKIN_TWIN_REDIS_URL", f"redis://127.0.0.1:6379/{8 + os.getpid() % 8}")
+DB_NAME = os.environ.get("SKIN_TWIN_AIRFLOW_TEST_DB", f"skin_twin_airflow_test_{os.getpid()}")
 RUN_TIMEOUT_S = float(os.environ.get("SKIN_TWIN_SCALEOUT_TIMEOUT", "900"))
 
 
@@ -46,14 +48,15 @@ def _services_problem() -> str | None:
     return None
 
 
-def _recreate_database() -> None:
+def _recreate_database(create: bool = True) -> None:
     import psycopg2
 
     conn = psycopg2.connect(f"{PG_URL}/postgres", connect_timeout=5)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{DB_NAME}"')
+        if create:
+            cur.execute(f'CREATE DATABASE "{DB_NAME}"')
     conn.close()
 
 
@@ -195,6 +198,7 @@ def celery_stack(tmp_path: Path):
     finally:
         procs.stop()
         leftovers = [p.name for p in procs.procs if p.popen.poll() is None]
+        _recreate_database(create=False)
         assert not leftovers, f"still running after stop: {leftovers}"
 
 
