@@ -2,8 +2,10 @@
 
 Every value a stage uses lives here. ``load_config`` reads the YAML file, applies
 ``--set dotted.key=value`` overrides (values parsed as YAML, so ``--set train.epochs=3``
-gives an int) and validates the result with pydantic. An unknown key, a wrong type or an
-impossible value raises :class:`ConfigError` whose message names the dotted key.
+gives an int) and validates the result with pydantic. An unknown key, a wrong type, an
+impossible value (every number is bounded; ``inf``/``nan`` are refused), a key written twice in
+the file, or knobs that contradict each other raise :class:`ConfigError` whose message names the
+dotted key -- at load time, before any stage runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class PathsConfig(_Section):
@@ -38,7 +40,7 @@ class SplitConfig(_Section):
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
     # A class with fewer lesions (groups) than this goes entirely to train.
-    min_groups_for_holdout: int = Field(3, ge=3)
+    min_groups_for_holdout: int = Field(3, ge=3, le=1000)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitConfig":
@@ -57,17 +59,17 @@ class DataConfig(_Section):
     # Sources that need one (isic_csv): path of the ground-truth CSV.
     csv: str | None = None
     # Threads reading image headers and hashing files at ingest.
-    workers: int = Field(4, ge=1)
+    workers: int = Field(4, ge=1, le=256)
     split: SplitConfig = SplitConfig()
 
 
 class SyntheticConfig(_Section):
-    images_per_class: int = Field(40, ge=2)
+    images_per_class: int = Field(40, ge=2, le=1_000_000)
     # Optional per-class counts overriding images_per_class, e.g. {nv: 120, df: 10}.
     class_counts: dict[str, int] = {}
     image_size: int = Field(128, ge=32, le=2048)
     # Images per lesion (group_id); >1 gives several views of the same lesion.
-    images_per_lesion: int = Field(1, ge=1)
+    images_per_lesion: int = Field(1, ge=1, le=1000)
     jpeg_quality: int = Field(92, ge=1, le=100)
 
     @field_validator("class_counts")
@@ -76,8 +78,8 @@ class SyntheticConfig(_Section):
         bad = sorted(set(v) - set(CLASSES))
         if bad:
             raise ValueError(f"unknown class(es) {bad}; allowed {list(CLASSES)}")
-        if any(n < 0 for n in v.values()):
-            raise ValueError("class counts must be >= 0")
+        if any(n < 0 or n > 1_000_000 for n in v.values()):
+            raise ValueError("class counts must be within [0, 1000000]")
         return v
 
 
@@ -90,11 +92,19 @@ class ValidateConfig(_Section):
     # Images larger than this many pixels are refused before decoding (decompression bombs).
     max_pixels: int = Field(40_000_000, ge=1)
     allowed_modes: list[str] = Field(["RGB"], min_length=1)
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, le=256)
     # Number of example offending rows printed per failed expectation.
-    examples: int = Field(5, ge=1)
+    examples: int = Field(5, ge=1, le=10_000)
     # Number of example offending rows kept per failed expectation in result.json / summary.html.
-    report_examples: int = Field(50, ge=1)
+    report_examples: int = Field(50, ge=1, le=100_000)
+    # Images of one lesion (group_id) with different labels: "refuse" fails validation naming the
+    # lesion; "allow" keeps each image's own label (the lesion's split follows its majority label).
+    lesion_label_conflict: Literal["refuse", "allow"] = "refuse"
+    # Near-duplicate images (the same pixels re-encoded, resized or re-saved) in different splits
+    # fail validation: Hamming distance between 256-bit perceptual hashes of the decoded pixels at
+    # most this many bits. -1 turns the check off; 0 finds identical hashes only. Calibrated on
+    # ham10000-224: distinct lesions >= 19 bits apart, resized copies <= 12 (core.imaging).
+    near_duplicate_distance: int = Field(12, ge=-1, le=64)
 
     @model_validator(mode="after")
     def _bounds(self) -> "ValidateConfig":
@@ -109,23 +119,23 @@ class AugmentConfig(_Section):
     # Training resolution (square); every split is resized to it.
     image_size: int = Field(64, ge=16, le=1024)
     # Augmented copies per train image (before class balancing).
-    copies: int = Field(2, ge=1)
+    copies: int = Field(2, ge=1, le=1000)
     # More copies for rarer classes: copies * (n_max / n_class), capped at max_copies.
     balance: bool = True
-    max_copies: int = Field(8, ge=1)
+    max_copies: int = Field(8, ge=1, le=1000)
     hflip: float = Field(0.5, ge=0, le=1)
     vflip: float = Field(0.5, ge=0, le=1)
     rotation: float = Field(180.0, ge=0, le=180)
-    scale_min: float = Field(0.9, gt=0)
-    scale_max: float = Field(1.1, gt=0)
+    scale_min: float = Field(0.9, gt=0, le=10)
+    scale_max: float = Field(1.1, gt=0, le=10)
     translate: float = Field(0.05, ge=0, le=0.5)
-    brightness: float = Field(0.2, ge=0)
-    contrast: float = Field(0.2, ge=0)
-    saturation: float = Field(0.2, ge=0)
+    brightness: float = Field(0.2, ge=0, le=10)
+    contrast: float = Field(0.2, ge=0, le=10)
+    saturation: float = Field(0.2, ge=0, le=10)
     hue: float = Field(0.02, ge=0, le=0.5)
     # Also keep the resized original of each train image among its copies.
     keep_original: bool = True
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, le=256)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentConfig":
@@ -138,8 +148,8 @@ class AugmentConfig(_Section):
 
 class PairsConfig(_Section):
     # Pair-manifest epochs (the train stage uses one pair epoch per training epoch, cycling).
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=2)
+    epochs: int = Field(12, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=2, le=1_000_000)
     # Target share of positive (same-class) pairs in each epoch.
     positive_fraction: float = Field(0.5, ge=0, le=1)
     tolerance: float = Field(0.02, ge=0, le=0.5)
@@ -149,15 +159,18 @@ class PairsConfig(_Section):
 
 def _stage_rows(rows: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
     for i, (t, c, n, st) in enumerate(rows):
-        if t < 1 or c < 1 or n < 1:
-            raise ValueError(f"row {i} {[t, c, n, st]}: expansion, out_channels and repeats must be >= 1")
+        if not (1 <= t <= 64 and 1 <= c <= 16384 and 1 <= n <= 64):
+            raise ValueError(
+                f"row {i} {[t, c, n, st]}: expansion must be in [1, 64], out_channels in [1, 16384], "
+                "repeats in [1, 64]"
+            )
         if st not in (1, 2):
             raise ValueError(f"row {i} {[t, c, n, st]}: stride must be 1 or 2")
     return rows
 
 
 class ModelConfig(_Section):
-    stem_channels: int = Field(16, ge=4)
+    stem_channels: int = Field(16, ge=4, le=4096)
     # Shared feature extractor: (expansion, out_channels, repeats, stride) per stage.
     extractor: list[tuple[int, int, int, int]] = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2)]
     # Each branch (own weights): same format, continuing from the extractor's output.
@@ -165,16 +178,16 @@ class ModelConfig(_Section):
 
     _rows = field_validator("extractor", "branch")(_stage_rows)
     # 1x1 conv before GAP; this is the feature map used for CAM.
-    head_channels: int = Field(256, ge=8)
-    discriminator_hidden: int = Field(128, ge=4)
+    head_channels: int = Field(256, ge=8, le=16384)
+    discriminator_hidden: int = Field(128, ge=4, le=16384)
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class LossConfig(_Section):
-    A: float = Field(1.0, ge=0)
-    B: float = Field(1.0, ge=0)
-    C: float = Field(0.5, ge=0)
-    gamma: float = Field(2.0, ge=0)
+    A: float = Field(1.0, ge=0, le=1000)
+    B: float = Field(1.0, ge=0, le=1000)
+    C: float = Field(0.5, ge=0, le=1000)
+    gamma: float = Field(2.0, ge=0, le=100)
     # Per-class focal alpha: null, "balanced" (inverse frequency, mean 1) or a list of 7 floats.
     alpha: None | Literal["balanced"] | list[float] = None
 
@@ -183,34 +196,36 @@ class LossConfig(_Section):
     def _alpha_len(cls, v: Any) -> Any:
         if isinstance(v, list) and len(v) != len(CLASSES):
             raise ValueError(f"alpha needs {len(CLASSES)} values, got {len(v)}")
+        if isinstance(v, list) and any(not 0 <= a <= 1000 for a in v):
+            raise ValueError("alpha values must be within [0, 1000]")
         return v
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(12, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    lr: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
     # sgd only (required there, refused with adamw).
     momentum: float | None = Field(None, ge=0, lt=1)
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     # Linear warm-up before cosine / constant (onecycle has its own; refused there).
-    warmup_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0, le=10_000)
     # "auto" picks CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler).
     amp: bool = True
     channels_last: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
     # Light online augmentation on cached tensors (random flips).
     online_flip: bool = True
     # Probability of each flip (horizontal, vertical) when online_flip.
     flip_prob: float = Field(0.5, ge=0, le=1)
     # Threads for CPU training; 0 lets torch decide.
-    cpu_threads: int = Field(0, ge=0)
+    cpu_threads: int = Field(0, ge=0, le=1024)
     # Threads decoding images into the image cache.
-    cache_workers: int = Field(4, ge=1)
+    cache_workers: int = Field(4, ge=1, le=256)
     progress: bool = True
 
     @model_validator(mode="after")
@@ -228,15 +243,15 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     # CAM sample images written per class (correct and wrong each).
-    cam_per_class: int = Field(2, ge=0)
-    batch_size: int = Field(64, ge=1)
+    cam_per_class: int = Field(2, ge=0, le=10_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
     # Threads decoding test images into the image cache.
-    cache_workers: int = Field(4, ge=1)
+    cache_workers: int = Field(4, ge=1, le=256)
 
 
 class PredictConfig(_Section):
     # Images per forward pass in `predict` and the MLflow pyfunc model.
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
 
 
 class CamConfig(_Section):
@@ -247,17 +262,29 @@ class CamConfig(_Section):
 class MlflowConfig(_Section):
     # MLFLOW_TRACKING_URI wins over this. Relative sqlite paths (and artifact_root) are resolved
     # against the current directory (the project root for dvc repro / the CLI); folders are created.
-    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
-    artifact_root: str = "mlflow/artifacts"
-    experiment: str = "skin-twin"
+    tracking_uri: str = Field("sqlite:///mlflow/mlflow.db", min_length=1)
+    artifact_root: str = Field("mlflow/artifacts", min_length=1)
+    experiment: str = Field("skin-twin", min_length=1)
+    # Every HTTP call to an MLflow server: seconds before it times out, and retries after the first
+    # try (exponential backoff). An unreachable server fails the stage within about
+    # http_timeout_s * (http_retries + 1) seconds, with a clear message.
+    http_timeout_s: float = Field(20.0, gt=0, le=3600)
+    http_retries: int = Field(2, ge=0, le=20)
 
 
 class RegistryConfig(_Section):
-    model_name: str = "skin-twin"
+    model_name: str = Field("skin-twin", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     # Challenger must beat champion's balanced accuracy by at least this much.
     margin: float = Field(0.0, ge=0, le=1)
     # And clear this absolute balanced-accuracy floor.
     floor: float = Field(0.2, ge=0, le=1)
+    # The lock the champion gate holds across processes and hosts: null = derived from the store
+    # (sqlite: a file lock beside the database; postgresql: an advisory lock in it); an MLflow
+    # server needs one every worker reaches: redis://host:port/db, postgresql://... or file:///path.
+    # SKIN_TWIN_REGISTRY_LOCK_URL wins over this.
+    lock_url: str | None = None
+    # Seconds to wait for the lock before the register stage fails (the environment is retried).
+    lock_timeout_s: float = Field(600.0, gt=0, le=86400)
 
 
 class AirflowConfig(_Section):
@@ -266,16 +293,17 @@ class AirflowConfig(_Section):
     schedule_on_asset: bool = False
     gpu_queue: str = "gpu"
     gpu_pool: str = "gpu"
-    gpu_pool_slots: int = Field(1, ge=1)
-    retries: int = Field(2, ge=0)
-    retry_delay_s: int = Field(30, ge=0)
-    max_active_runs: int = Field(1, ge=1)
+    gpu_pool_slots: int = Field(1, ge=1, le=1024)
+    retries: int = Field(2, ge=0, le=100)
+    retry_delay_s: int = Field(30, ge=0, le=86400)
+    max_active_runs: int = Field(1, ge=1, le=1024)
     # Per-run work directories are created below this folder.
     runs_dir: str = "runs"
 
 
 class Config(_Section):
-    seed: int = 42
+    # One seed for everything; numpy, torch and the split hashes all take it (31 bits).
+    seed: int = Field(42, ge=0, le=2**31 - 1)
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -292,7 +320,7 @@ class Config(_Section):
     registry: RegistryConfig = RegistryConfig()
     airflow: AirflowConfig = AirflowConfig()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
     @property
     def validate_cfg(self) -> ValidateConfig:
@@ -379,15 +407,33 @@ def _validate(raw: Any, source: str) -> Config:
         raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key written twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read ``params.yaml``, apply overrides, validate. Raises :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the params file: {exc}") from exc
     raw = copy.deepcopy(raw) if raw is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")

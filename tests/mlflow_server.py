@@ -247,6 +247,9 @@ def make_cfg(base: Path, name: str = "work", tracking_uri: str | None = None, **
         **TINY_MODEL,
         **extra,
     }
+    if tracking_uri and tracking_uri.startswith("http") and "registry.lock_url" not in extra:
+        # an MLflow server needs a gate lock every worker reaches; here a file beside the store
+        overrides["registry.lock_url"] = (base / "gate.lock").as_uri()
     return load_config(ROOT / "params.yaml", overrides)
 
 

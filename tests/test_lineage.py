@@ -121,10 +121,20 @@ def test_lineage_cli_unknown_model_is_a_clean_error(tmp_path: Path, monkeypatch:
     from pipeline.app.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    rc = main([
+    argv = [
         "lineage", "--params", str(params_path), "--model", "models:/nope@champion",
         "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
         "--set", f"mlflow.artifact_root={tmp_path / 'a'}",
-    ])
+    ]
+    # a store that does not exist is named, and not created as a side effect
+    assert main(argv) == 1
+    assert "no MLflow store there" in capsys.readouterr().err
+    assert not (tmp_path / "m.db").exists()
+    # an existing store without that model
+    from pipeline.config import load_config
+    from pipeline.io.mlflow_service import client_for
+
+    client_for(load_config(params_path, {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"})).search_experiments()
+    rc = main(argv)
     assert rc == 1
     assert "not found in the registry" in capsys.readouterr().err

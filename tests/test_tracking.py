@@ -210,3 +210,19 @@ def test_missing_inputs_are_a_pipeline_error(tmp_path: Path) -> None:
 
     with pytest.raises(PipelineError, match="select stage"):
         run_track(make_cfg(tmp_path))
+
+
+def test_client_for_does_not_leak_the_store_into_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; a later config (or a child process) must
+    still get its own store, not the one of the previous call."""
+    import os
+
+    from pipeline.io.mlflow_service import client_for, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    first = make_cfg(tmp_path, name="a", tracking_uri=f"sqlite:///{tmp_path / 'one.db'}")
+    second = make_cfg(tmp_path, name="b", tracking_uri=f"sqlite:///{tmp_path / 'two.db'}")
+    client_for(first).search_experiments()
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert resolve_tracking_uri(second).endswith("two.db")

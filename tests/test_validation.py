@@ -206,6 +206,19 @@ def _group_two_splits(c: Case) -> None:
     val["group_id"] = train["group_id"]
 
 
+def _reencoded_two_splits(c: Case) -> None:
+    """The same pixels under another id and format in another split: the bytes differ, the picture not."""
+    train = next(r for r in c.rows if r["split"] == "train")
+    with Image.open(c.root / train["path"]) as img:
+        c.add("copy_in_test.bmp", _encode(img.convert("RGB"), "BMP"), label=train["label"], split="test")
+
+
+def _lesion_two_labels(c: Case) -> None:
+    a = next(r for r in c.rows if r["split"] == "train" and r["label"] == "akiec")
+    b = next(r for r in c.rows if r["split"] == "train" and r["label"] == "bcc")
+    b["group_id"] = a["group_id"]
+
+
 def _sha_mismatch(c: Case) -> None:
     c.rows[3]["sha256"] = "0" * 64
 
@@ -241,7 +254,11 @@ CORPUS: dict[str, tuple[Callable[[Case], None], set[str], list[str]]] = {
     "duplicate_id": (_duplicate_id, {"unique_image_id"}, ["akiec_001", "images/dup.png"]),
     "escaping_path": (_escape, {"inside_root", "decodes"}, ["../outside.png", "escapes the data root"]),
     "class_without_images": (_no_df, {"classes_in_train"}, ["class df", "classes_in_train"]),
-    "sha256_in_two_splits": (_sha_two_splits, {"content_one_split"}, ["copy_in_val.png", "train,val"]),
+    "sha256_in_two_splits": (
+        _sha_two_splits, {"content_one_split", "near_duplicate_one_split"}, ["copy_in_val.png", "train,val"]
+    ),
+    "reencoded_in_two_splits": (_reencoded_two_splits, {"near_duplicate_one_split"}, ["copy_in_test", "(train)"]),
+    "lesion_with_two_labels": (_lesion_two_labels, {"group_one_label"}, ["akiec,bcc"]),
     "group_in_two_splits": (_group_two_splits, {"group_one_split"}, ["train,val"]),
     "sha256_mismatch": (_sha_mismatch, {"sha256_matches"}, ["akiec_004", "0000000000"]),
     "too_small": (_small, {"width_bounds", "height_bounds"}, ["tiny.png", "value=8"]),

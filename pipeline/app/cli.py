@@ -6,8 +6,9 @@ call the same stage functions. Each stage function takes the typed
 summary, printed as the last line of output. Heavy modules are imported only when their stage runs,
 so ``--help`` is fast.
 
-Exit codes: 0 success, 1 the stage failed on its input (message names file and problem),
-2 bad command line or parameters.
+Exit codes (:mod:`pipeline.app.errors`): 0 success, 1 the stage's input is bad (the message names
+the file and the problem), 2 bad command line or parameters, 3 the environment failed (disk full,
+read-only folder, a service unreachable), 4 a bug; one line on stderr, the traceback only with ``-v``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import logging
 import sys
 
 from pipeline.app import table
+from pipeline.app.errors import report
 from pipeline.app.params import load_params
-from pipeline.config import ConfigError
-from pipeline.errors import PipelineError
 
 # name -> stage declaration (the subcommands, in table order).
 STAGES: dict[str, table.Stage] = table.BY_NAME
@@ -70,18 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.app.dvcgen import check_under_dvc
 
             check_under_dvc(cfg, ns.params)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    fn = stage.load()
-    try:
-        result = fn(cfg, **extra)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PipelineError as exc:
-        print(f"error: {ns.stage}: {exc}", file=sys.stderr)
-        return 1
+        result = stage.load()(cfg, **extra)
+    except BaseException as exc:  # noqa: BLE001 - the one top-level handler
+        if isinstance(exc, SystemExit):
+            raise
+        code, text = report(ns.stage, exc, ns.verbose)
+        print(text, file=sys.stderr)
+        return code
     if result is not None:
         print(json.dumps(result, default=str, sort_keys=True))
     return 0

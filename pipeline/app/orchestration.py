@@ -40,8 +40,8 @@ from pipeline.app import table
 from pipeline.app.params import check, load_params
 from pipeline.config import Config, ConfigError
 from pipeline.errors import PipelineError
-from pipeline.io.digests import path_sha256
 from pipeline.io import readers
+from pipeline.io.digests import path_sha256
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)

@@ -37,16 +37,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidateConfig
+from pipeline.core.imaging import hash_words, near_pairs
 from pipeline.core.schema import FACT_COLUMNS, MANIFEST_COLUMNS, SPLITS
 from pipeline.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
 SUITE_NAME = "skin_twin_manifest"
-DERIVED_COLUMNS: tuple[str, ...] = ("pixels", "content_splits", "content_split_set", "group_splits", "group_split_set")
+DERIVED_COLUMNS: tuple[str, ...] = (
+    "pixels", "content_splits", "content_split_set", "group_splits", "group_split_set",
+    "group_labels", "group_label_set", "near_dup_splits", "near_dup_of",
+)  # fmt: skip
 IMAGE_COLUMNS: tuple[str, ...] = MANIFEST_COLUMNS + FACT_COLUMNS + DERIVED_COLUMNS
 CLASS_COLUMNS: tuple[str, ...] = ("label", "n_train", "n_val", "n_test", "n_total")
 _STRING_COLUMNS = ("image_id", "path", "label", "group_id", "split", "sha256")
@@ -73,13 +78,56 @@ def _split_sets(keys: pd.Series, splits: pd.Series) -> tuple[pd.Series, pd.Serie
     return count, text.astype(str)
 
 
-def build_tables(facts: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Facts table -> ``{"images": ..., "classes": ...}``, the two tables the suite checks."""
+def _group_labels(images: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per row: how many distinct labels the images of its group (lesion) carry, and which."""
+    sets = images.groupby(images["group_id"].astype(str))["label"].agg(lambda s: ",".join(sorted(set(s.astype(str)))))
+    text = images["group_id"].astype(str).map(sets).astype(str)
+    return text.map(lambda t: len(t.split(","))).astype("int64"), text
+
+
+def _near_duplicates(images: pd.DataFrame, max_distance: int) -> tuple[pd.Series, pd.Series]:
+    """Per row: how many splits hold it or a near-duplicate (perceptual hashes at most
+    ``max_distance`` bits apart), and the ids of its near-duplicates in other splits.
+    ``max_distance < 0`` turns the search off (every row counts 1 split)."""
+    n = len(images)
+    count = pd.Series(np.ones(n, dtype=np.int64), index=images.index)
+    others = pd.Series([""] * n, index=images.index, dtype=object)
+    if max_distance < 0 or n < 2:
+        return count, others
+    hashes = images["phash"].where(images["phash"].notna(), "").astype(str).tolist()
+    has = np.array([bool(h) for h in hashes])
+    idx = np.flatnonzero(has)
+    if idx.size < 2:
+        return count, others
+    splits = images["split"].astype(str).to_numpy()
+    ids = images["image_id"].astype(str).to_numpy()
+    seen: dict[int, set[str]] = {}
+    partners: dict[int, list[str]] = {}
+    for a, b in near_pairs(hash_words([hashes[i] for i in idx]), max_distance):
+        i, j = int(idx[a]), int(idx[b])
+        if splits[i] == splits[j]:
+            continue
+        for x, y in ((i, j), (j, i)):
+            seen.setdefault(x, {splits[x]}).add(splits[y])
+            partners.setdefault(x, []).append(f"{ids[y]} ({splits[y]})")
+    for i, ss in seen.items():
+        count.iloc[i] = len(ss)
+        others.iloc[i] = ", ".join(partners[i][:3]) + (" ..." if len(partners[i]) > 3 else "")
+    return count, others
+
+
+def build_tables(facts: pd.DataFrame, near_duplicate_distance: int = -1) -> dict[str, pd.DataFrame]:
+    """Facts table -> ``{"images": ..., "classes": ...}``, the two tables the suite checks.
+
+    ``near_duplicate_distance`` (``validate.near_duplicate_distance``; -1: off) bounds the
+    perceptual-hash distance at which two images count as the same picture."""
     images = facts.reset_index(drop=True).copy()
     images["pixels"] = (images["img_width"] * images["img_height"]).astype("Int64")
     content = images["file_sha256"].astype(object).where(images["file_sha256"].notna(), images["sha256"].astype(object))
     images["content_splits"], images["content_split_set"] = _split_sets(content, images["split"])
     images["group_splits"], images["group_split_set"] = _split_sets(images["group_id"].astype(object), images["split"])
+    images["group_labels"], images["group_label_set"] = _group_labels(images)
+    images["near_dup_splits"], images["near_dup_of"] = _near_duplicates(images, near_duplicate_distance)
 
     known = images[images["label"].isin(CLASSES) & images["split"].isin(SPLITS)]
     counts = (
@@ -291,6 +339,29 @@ def define_checks(cfg: ValidateConfig) -> list[Check]:
             E.ExpectColumnValuesToBeBetween(column="group_splits", min_value=1, max_value=1),
             ("group_id", "group_split_set"),
         ),
+    ]
+    if cfg.near_duplicate_distance >= 0:
+        checks.append(
+            c(
+                "near_duplicate_one_split",
+                "images",
+                "the same picture (perceptual hashes at most near_duplicate_distance="
+                f"{cfg.near_duplicate_distance} bits apart, e.g. re-encoded or resized) is never in two splits",
+                E.ExpectColumnValuesToBeBetween(column="near_dup_splits", min_value=1, max_value=1),
+                ("near_dup_of",),
+            )
+        )
+    if cfg.lesion_label_conflict == "refuse":
+        checks.append(
+            c(
+                "group_one_label",
+                "images",
+                "all images of a group_id (lesion) carry the same label (lesion_label_conflict=refuse)",
+                E.ExpectColumnValuesToBeBetween(column="group_labels", min_value=1, max_value=1),
+                ("group_id", "group_label_set"),
+            )
+        )
+    checks += [
         c(
             "classes_in_train",
             "classes",

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.core.cam import cam_for
 from pipeline.core.imaging import resize_square, to_model_input, to_rgb
-from pipeline.errors import DataError
+from pipeline.errors import DataError, PipelineError
 from pipeline.labels import CLASSES
 
 
@@ -51,13 +51,22 @@ def prepare(images: Sequence[np.ndarray | Image.Image], size: int) -> np.ndarray
 
 @torch.no_grad()
 def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: int) -> np.ndarray:
-    """uint8 (N, 3, S, S) already at the model size -> probabilities (N, C) float64 summing to 1."""
+    """uint8 (N, 3, S, S) already at the model size -> probabilities (N, C) float64 summing to 1.
+
+    Non-finite logits (a broken model) raise :class:`PipelineError` instead of giving probabilities."""
     model = exported.model
     device = next(model.parameters()).device
     probs = []
     for i in range(0, batch_uint8.shape[0], batch_size):
         x = to_model_input(torch.from_numpy(np.array(batch_uint8[i : i + batch_size])).to(device))
         logits = model(x).float()
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bool(bad.any()):
+            rows = (torch.nonzero(bad).flatten() + i).tolist()
+            raise PipelineError(
+                f"the model produced non-finite outputs for {len(rows)} image(s) (rows {rows[:5]}); "
+                "refusing to report garbage probabilities"
+            )
         probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     if not probs:
         return np.zeros((0, int(exported.meta["num_classes"])), dtype=np.float64)

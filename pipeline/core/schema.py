@@ -27,6 +27,7 @@ FACT_COLUMNS: tuple[str, ...] = (
     "img_height",  # Int64 | NA: height from the file's header
     "bytes",  # Int64 | NA: file size
     "file_sha256",  # str | None: sha256 of the file bytes, recomputed
+    "phash",  # str | None: 256-bit perceptual hash of the decoded pixels (pipeline.core.imaging.perceptual_hash)
     "error",  # str: short reason the file is unusable, "" when fine
 )
 

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.core.imaging import MEAN, STD
 from pipeline.labels import CLASSES
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: config.json records weights_sha256 / portable_sha256
 
 
 def select_branch(val_loss_branch1: float, val_loss_branch2: float) -> int:

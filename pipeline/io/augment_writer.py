@@ -43,23 +43,29 @@ def _init_worker(cfg_json: str) -> None:
 
 
 def _process(task: WriteTask) -> str | None:
-    """Write every output of one source image; returns an error message instead of raising."""
+    """Write every output of one source image; returns an error message instead of raising
+    (``storage:`` first when the machine, not the image, is the problem)."""
     assert _CFG is not None
     try:
         base = resize_square(load_rgb(task.source), _CFG.image_size)
     except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
         return f"{task.source}: cannot read image: {exc}"
+    out = ""
     try:
         for out, copy, seed in task.outputs:
             img = base if copy == 0 else augment_image(base, _TRANSFORM, seed)
             img.save(out, format="PNG")
     except OSError as exc:
-        return f"{task.source}: cannot write augmented image: {exc}"
+        return f"{STORAGE}{out}: cannot write augmented image: {exc.strerror or exc}"
     return None
 
 
+STORAGE = "storage:"
+
+
 def write_all(tasks: list[WriteTask], cfg: AugmentConfig) -> list[str]:
-    """Run every task; returns the error messages (empty when all images were written)."""
+    """Run every task; returns the error messages (empty when all images were written).
+    Messages about the disk (not the images) start with :data:`STORAGE`."""
     cfg_json = cfg.model_dump_json()
     daemon = multiprocessing.current_process().daemon
     if daemon and cfg.workers > 1:

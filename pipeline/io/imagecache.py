@@ -8,10 +8,11 @@ preprocessing path shared with evaluation and prediction), and stored as raw uin
 Design choices:
 
 * **Keyed by content of the request.** The file name carries a hash of the ordered image ids,
-  their paths, the target size and each file's size and modification time. Any changed input
-  (another manifest, a re-augmented image, another ``image_size``) gives another key and the
-  cache is rebuilt; an unchanged input reuses the file. Older caches of the same ``name`` are
-  removed when a new one is built.
+  their paths (relative to ``root``, so a run folder that moves -- or a retry on another worker
+  mounting the same volume elsewhere -- keeps its cache), the target size and each file's size and
+  modification time. Any changed input (another manifest, a re-augmented image, another
+  ``image_size``) gives another key and the cache is rebuilt; an unchanged input reuses the file.
+  Older caches of the same ``name`` are removed when a new one is built.
 * **Atomic.** The array is written to a temporary file beside the target and renamed onto it only
   when complete (:func:`pipeline.io.files.atomic_path`), so a killed build never leaves a
   half-written cache that a later run would trust.
@@ -71,17 +72,24 @@ class ImageCache:
         return np.ascontiguousarray(self.array[np.asarray(rows, dtype=np.int64)])
 
 
-def cache_key(ids: Sequence[str], paths: Sequence[str | Path], size: int) -> str:
-    """sha256 over (version, size, and per image: id, path, file size, mtime)."""
+def cache_key(ids: Sequence[str], paths: Sequence[str | Path], size: int, root: str | Path | None = None) -> str:
+    """sha256 over (version, size, and per image: id, path relative to ``root``, file size, mtime)."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": CACHE_VERSION, "size": int(size), "n": len(ids)}).encode())
+    base = Path(root) if root is not None else None
     for image_id, path in zip(ids, paths, strict=True):
         try:
             st = os.stat(path)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        h.update(f"\0{image_id}\0{Path(path).as_posix()}\0{stamp}".encode())
+        shown = Path(path)
+        if base is not None:
+            try:
+                shown = shown.relative_to(base)
+            except ValueError:
+                pass
+        h.update(f"\0{image_id}\0{shown.as_posix()}\0{stamp}".encode())
     return h.hexdigest()
 
 
@@ -113,6 +121,7 @@ def load_image_cache(
     build: bool = True,
     *,
     workers: int,
+    root: str | Path | None = None,
 ) -> ImageCache:
     """Return the cached array for (ids, paths, size), building it first when absent.
 
@@ -128,7 +137,7 @@ def load_image_cache(
     if len(ids) != len(paths):
         raise ValueError("ids and paths differ in length")
     cache_dir = Path(cache_dir)
-    key = cache_key(ids, paths, size)
+    key = cache_key(ids, paths, size, root)
     target = cache_dir / f"{name}-{key[:20]}.npy"
     index = {image_id: row for row, image_id in enumerate(ids)}
     if not ids:

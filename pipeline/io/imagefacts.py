@@ -14,7 +14,9 @@ Design choices:
   guard (``DecompressionBombError``, and ``DecompressionBombWarning`` turned into an error while
   facts are gathered) is caught too, for files that trip it while the header is parsed.
 * **Full decode.** ``img.load()`` decodes every pixel, so truncated files are caught (PIL raises
-  "image file is truncated" unless someone enabled ``ImageFile.LOAD_TRUNCATED_IMAGES``).
+  "image file is truncated" unless someone enabled ``ImageFile.LOAD_TRUNCATED_IMAGES``); the
+  decoded pixels also give the perceptual hash (``phash``) that finds the same picture saved twice
+  under two ids (re-encoded, resized) -- file bytes alone would not.
 * **Threads, not processes.** Pillow's decoders and ``hashlib`` release the GIL on large
   buffers, so a thread pool scales with ``workers`` without pickling the manifest or paying
   process start-up; ``pool.map`` keeps the manifest order.
@@ -38,6 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import ValidateConfig
+from pipeline.core.imaging import perceptual_hash
 from pipeline.core.schema import FACT_COLUMNS
 from pipeline.errors import DataError
 
@@ -82,6 +85,7 @@ def inspect_image(path_text: Any, root: Path, max_pixels: int) -> dict[str, Any]
         "img_height": None,
         "bytes": None,
         "file_sha256": None,
+        "phash": None,
         "error": "",
     }
     if _is_blank(path_text):
@@ -121,6 +125,7 @@ def inspect_image(path_text: Any, root: Path, max_pixels: int) -> dict[str, Any]
                 facts["error"] = f"image has {width * height} pixels > max_pixels ({max_pixels})"
                 return facts
             img.load()  # full decode
+            facts["phash"] = perceptual_hash(img)
         facts["decodes"] = True
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         facts["error"] = _bomb_error(exc, max_pixels)
@@ -139,6 +144,7 @@ def _facts_frame(rows: Iterable[dict[str, Any]], index: pd.Index) -> pd.DataFram
         df[col] = df[col].astype("Int64")
     df["mode"] = df["mode"].astype(object)
     df["file_sha256"] = df["file_sha256"].astype(object)
+    df["phash"] = df["phash"].astype(object)
     df["error"] = df["error"].astype(str)
     return df
 

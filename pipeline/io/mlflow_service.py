@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.config import Config
+from pipeline.errors import PipelineError, ServiceUnavailable
 
 _QUIET_LOGGERS = ("mlflow", "alembic", "urllib3", "databricks", "git", "matplotlib")
-
 
 
 def quiet_mlflow() -> None:
@@ -38,9 +40,9 @@ def _is_local_store(uri: str) -> bool:
     return scheme in ("sqlite", "file", "") or uri.startswith(("postgresql", "mysql", "mssql"))
 
 
-def resolve_tracking_uri(cfg: Config) -> str:
+def resolve_tracking_uri(cfg: Config, create: bool = True) -> str:
     """``MLFLOW_TRACKING_URI`` or the configured URI; a relative sqlite path becomes absolute
-    (against the current directory) and its folder is created."""
+    (against the current directory) and its folder is created (unless ``create`` is false)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///") :]
@@ -48,7 +50,8 @@ def resolve_tracking_uri(cfg: Config) -> str:
             path = Path(db)
             if not path.is_absolute():
                 path = Path.cwd() / path
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
             uri = "sqlite:///" + str(path.resolve())
     return uri
 
@@ -76,15 +79,74 @@ def redact(uri: str) -> str:
     return uri
 
 
-def client_for(cfg: Config):
-    """Point MLflow (tracking + registry) at the store; return an ``MlflowClient``."""
+def configure_http(cfg: Config) -> None:
+    """Bound every MLflow HTTP call by ``mlflow.http_timeout_s`` and ``mlflow.http_retries``
+    (MLflow's own defaults retry for about four minutes)."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(round(cfg.mlflow.http_timeout_s))))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.mlflow.http_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+
+
+def check_reachable(uri: str, cfg: Config) -> None:
+    """An MLflow server must answer ``/health`` within the HTTP budget; :class:`ServiceUnavailable` otherwise."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    last: Exception | None = None
+    for attempt in range(cfg.mlflow.http_retries + 1):
+        try:
+            resp = requests.get(url, timeout=cfg.mlflow.http_timeout_s)
+            if resp.status_code == 200:
+                return
+            last = RuntimeError(f"HTTP {resp.status_code} {resp.text[:120]!r}")
+            if resp.status_code < 500:
+                break  # a 4xx (e.g. 403 Invalid Host header) will not heal by retrying
+        except requests.RequestException as exc:
+            last = exc
+        if attempt < cfg.mlflow.http_retries:
+            time.sleep(min(2.0**attempt, 5.0))
+    text = " ".join(str(last).split()) if last else "no answer"
+    errno_text = re.search(r"\[Errno -?\d+\][^)'\"]*", text)  # "[Errno 111] Connection refused"
+    cause = errno_text.group(0).strip() if errno_text else ("timed out" if "timed out" in text.lower() else text[:200])
+    raise ServiceUnavailable(
+        f"MLflow tracking server {redact(uri)} unreachable: {cause} "
+        f"(mlflow.http_timeout_s={cfg.mlflow.http_timeout_s}, mlflow.http_retries={cfg.mlflow.http_retries})"
+    )
+
+
+def client_for(cfg: Config, create: bool = True):
+    """Point MLflow (tracking + registry) at the store; return an ``MlflowClient``.
+
+    ``create=False`` (reading a registered model: predict, lineage) refuses a SQLite store that does
+    not exist instead of creating an empty one as a side effect. A tracking server is checked to
+    answer first, so an unreachable one fails in seconds with a clear message.
+    """
     quiet_mlflow()
+    configure_http(cfg)
+    uri = resolve_tracking_uri(cfg, create=create)
+    if not create and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_file():
+            raise PipelineError(
+                f"{uri}: no MLflow store there (nothing was ever tracked to it); check mlflow.tracking_uri "
+                "or MLFLOW_TRACKING_URI"
+            )
+    check_reachable(uri, cfg)
     import mlflow
 
-    uri = resolve_tracking_uri(cfg)
     quiet_mlflow()  # again: importing mlflow configures its logger
+    # mlflow.set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which would then win
+    # over the params of every later config in this process and leak into child processes: restore them.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -99,7 +99,7 @@ def download_version(client: Any, version: Any, cfg: Config) -> Path:
 
 def download_model(uri: str, cfg: Config) -> Path:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> local exported-model folder."""
-    client = client_for(cfg)
+    client = client_for(cfg, create=False)
     return download_version(client, resolve_version(client, uri), cfg)
 
 

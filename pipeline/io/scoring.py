@@ -38,7 +38,7 @@ def load_images(manifest_df: pd.DataFrame, images_root: str | Path, size: int, c
     if missing:
         raise DataError(f"{len(missing)} image file(s) listed in the manifest are missing, e.g. {missing[:3]}")
     cache = load_image_cache(ids, paths, size, Layout.from_config(cfg).cache_dir, name=name,
-                             workers=cfg.evaluate.cache_workers)
+                             workers=cfg.evaluate.cache_workers, root=root)
     return np.asarray(cache.array)
 
 

@@ -7,21 +7,33 @@ atomically. ``meta.json`` records the side of the written images, which is what 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
 
+import pandas as pd
+
 from pipeline.config import Config
 from pipeline.core.augment import copy_seed, plan_outputs, summarize
 from pipeline.core.schema import AUGMENTED_COLUMNS, SPLITS
-from pipeline.errors import DataError
-from pipeline.io.augment_writer import WriteTask, write_all
+from pipeline.errors import DataError, StorageError
+from pipeline.io.augment_writer import STORAGE, WriteTask, write_all
 from pipeline.io.files import atomic_dir
 from pipeline.io.manifests import AUGMENTED_META, read_validated
 from pipeline.io.readers import data_root
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
+
+
+def augmented_digest(manifest: pd.DataFrame, cfg: Config) -> str:
+    """What the written images are a pure function of: the source images' content and labels, the
+    split, the seed and the augment settings (the train stage keys its checkpoints on it)."""
+    rows = manifest[["image_id", "sha256", "label", "split"]].astype(str).sort_values("image_id").to_numpy().tolist()
+    settings = cfg.augment.model_dump(mode="json", exclude={"workers"})  # workers change nothing written
+    payload = {"seed": cfg.seed, "augment": settings, "rows": rows}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def run_augment(cfg: Config) -> dict[str, Any]:
@@ -44,11 +56,15 @@ def run_augment(cfg: Config) -> dict[str, Any]:
         ]
         errors = write_all(tasks, cfg.augment)
         if errors:
+            storage = [e.removeprefix(STORAGE) for e in errors if e.startswith(STORAGE)]
+            if storage:
+                raise StorageError(storage[0] + (f" (and {len(storage) - 1} more)" if len(storage) > 1 else ""))
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise DataError(errors[0] + more)
         out = plan[list(AUGMENTED_COLUMNS)].reset_index(drop=True)
         out.to_parquet(tmp / layout.augmented_manifest.name, index=False)
-        meta = {"format": 1, "image_size": cfg.augment.image_size, "images": len(out)}
+        meta = {"format": 1, "image_size": cfg.augment.image_size, "images": len(out),
+                "digest": augmented_digest(manifest, cfg)}
         (tmp / AUGMENTED_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     summary = summarize(plan, per_class, cfg.augment)
     log.info("augment: %s images written to %s", summary["images"], layout.augmented_dir)

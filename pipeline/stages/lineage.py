@@ -17,7 +17,7 @@ from pipeline.io.registry import resolve_version
 
 
 def run_lineage(cfg: Config, model: str) -> dict[str, Any]:
-    client = client_for(cfg)
+    client = client_for(cfg, create=False)
     version = resolve_version(client, model)
     if not version.run_id:
         raise PipelineError(f"{model}: version {version.version} has no source run; no lineage recorded")

@@ -34,6 +34,7 @@ from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.io import scoring
 from pipeline.io.files import read_json_object, write_json
+from pipeline.io.locks import gate_lock
 from pipeline.io.manifests import read_parquet, split_rows
 from pipeline.io.mlflow_service import client_for, redact, resolve_tracking_uri
 from pipeline.io.modelstore import load_exported
@@ -68,14 +69,31 @@ def run_register(cfg: Config) -> dict[str, Any]:
     record = read_json_object(layout.tracking_record)
     if not record.get("run_id") or not record.get("model_uri"):
         raise PipelineError(f"{layout.tracking_record}: no tracked run/model (run the track stage first)")
-    if record.get("tracking_uri") and record["tracking_uri"] != redact(resolve_tracking_uri(cfg)):
+    uri = resolve_tracking_uri(cfg)
+    if record.get("tracking_uri") and record["tracking_uri"] != redact(uri):
         raise PipelineError(
             f"{layout.tracking_record}: the run was tracked in {record['tracking_uri']}, "
-            f"not in {redact(resolve_tracking_uri(cfg))} (run track against this store first)"
+            f"not in {redact(uri)} (run track against this store first)"
         )
+    client = client_for(cfg)
+    test = _test_manifest(layout)
+    # The whole decision -- read the champion, score, tag, move the alias -- under one lock that
+    # holds across processes and hosts, so concurrent registers end with one consistent champion.
+    with gate_lock(cfg, uri) as lock:
+        summary = _gate(client, cfg, record, layout, test, lock)
+    write_json(layout.tracking_record, {**record, "registry": summary})
+    log.info("registered %s v%s: %s (%s)", summary["model_name"], summary["version"], summary["decision"],
+             summary["reason"])
+    return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.6f}"
+
+
+def _gate(client: Any, cfg: Config, record: dict[str, Any], layout: Layout, test: pd.DataFrame, lock: str) -> dict[str, Any]:
     rc = cfg.registry
     name = rc.model_name
-    client = client_for(cfg)
     before = get_aliases(client, name)
     version = None
     try:
@@ -83,7 +101,6 @@ def run_register(cfg: Config) -> dict[str, Any]:
         v = str(version.version)
         client.set_registered_model_alias(name, CHALLENGER, v)
 
-        test = _test_manifest(layout)
         challenger_ba = score_export(download_version(client, version, cfg), test, layout, cfg)
         champ_v = before.get(CHAMPION)
         champion_ba: float | None = None
@@ -99,18 +116,18 @@ def run_register(cfg: Config) -> dict[str, Any]:
         else:
             promote, reason = gate_decision(challenger_ba, champion_ba, rc.margin, rc.floor)
         decision = "promoted" if promote else ("already-champion" if champ_v == v else "kept-champion" if champ_v else "rejected")
-        fmt = lambda x: "none" if x is None else f"{x:.6f}"  # noqa: E731
         tags = {
             "gate.decision": decision,
             "gate.promoted": str(promote).lower(),
             "gate.reason": reason,
-            "gate.challenger_balanced_accuracy": fmt(challenger_ba),
-            "gate.champion_balanced_accuracy": fmt(champion_ba),
+            "gate.challenger_balanced_accuracy": _fmt(challenger_ba),
+            "gate.champion_balanced_accuracy": _fmt(champion_ba),
             "gate.champion_version": champ_v or "none",
             "gate.margin": str(rc.margin),
             "gate.floor": str(rc.floor),
             "gate.test_images": str(len(test)),
             "gate.test_digest": manifest_digest(test),
+            "gate.lock": lock,
             "skin_twin.run_id": record["run_id"],
         }
         for k, val in tags.items():
@@ -119,14 +136,16 @@ def run_register(cfg: Config) -> dict[str, Any]:
             name,
             v,
             description=(
-                f"Gate: {decision}. {reason}. Challenger v{v} balanced accuracy {fmt(challenger_ba)}; "
-                f"champion {'v' + champ_v if champ_v else '(none)'} {fmt(champion_ba)}; "
+                f"Gate: {decision}. {reason}. Challenger v{v} balanced accuracy {_fmt(challenger_ba)}; "
+                f"champion {'v' + champ_v if champ_v else '(none)'} {_fmt(champion_ba)}; "
                 f"same test split of {len(test)} images (digest {tags['gate.test_digest'][:12]}); "
                 f"margin {rc.margin}, floor {rc.floor}. Run {record['run_id']}."
             ),
         )
         if promote:
             client.set_registered_model_alias(name, CHAMPION, v)
+            if champ_v is not None:  # the previous champion's record says who replaced it
+                client.set_model_version_tag(name, champ_v, "gate.superseded_by", v)
     except BaseException:
         if version is not None:
             try:
@@ -140,7 +159,7 @@ def run_register(cfg: Config) -> dict[str, Any]:
         raise
 
     after = get_aliases(client, name)
-    summary = {
+    return {
         "model_name": name,
         "version": v,
         "promoted": promote,
@@ -151,7 +170,5 @@ def run_register(cfg: Config) -> dict[str, Any]:
         "previous_champion_version": champ_v,
         "champion_version": after.get(CHAMPION),
         "aliases": after,
+        "lock": lock,
     }
-    write_json(layout.tracking_record, {**record, "registry": summary})
-    log.info("registered %s v%s: %s (%s)", name, v, decision, reason)
-    return summary

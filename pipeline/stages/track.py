@@ -115,9 +115,10 @@ def run_track(
 
     with _timed(timings, "setup"):
         client = client_for(cfg)
-        import mlflow
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        import mlflow
 
         uri = resolve_tracking_uri(cfg)
         experiment_id = ensure_experiment(client, cfg, uri)

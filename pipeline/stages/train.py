@@ -138,7 +138,7 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
     size = int(meta["image_size"])
 
     # Rank 0 builds the cache; the other ranks wait for it and then map the same file.
-    kwargs = {"workers": cfg.train.cache_workers}
+    kwargs = {"workers": cfg.train.cache_workers, "root": layout.augmented_dir}
     if rank == 0:
         cache = load_image_cache(ids, paths, size, layout.cache_dir, name="train", **kwargs)
     if barrier is not None:
@@ -154,10 +154,12 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
     val_rows = np.arange(n_train, len(used), dtype=np.int64)
     vl, vr, vs = validation_pairs(labels[val_rows], cfg.seed)
     class_counts = np.bincount(labels[:n_train], minlength=NUM_CLASSES)
+    # Content and relative paths only (never where the run folder is): a checkpoint resumes after
+    # the folder moves or on another worker mounting the same volume elsewhere.
     digest = hashlib.sha256(
         json.dumps(
             {
-                "cache": cache.path.name if cache.path else "",
+                "augmented": str(meta.get("digest", "")),
                 "size": size,
                 "used": _frame_digest(used[["image_id", "path", "label", "split"]].astype(str)),
                 "pairs": _frame_digest(pairs[list(PAIR_COLUMNS)].astype(str)),
@@ -324,7 +326,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if ds.grad_scaler else None,
-                    "rng": rng_states,
+                    "rng": [checkpoints.encode_rng(r) for r in rng_states],
                     "history": history,
                     "best": best,
                 },

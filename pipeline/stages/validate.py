@@ -36,7 +36,7 @@ def run_validate(cfg: Config) -> dict[str, Any]:
         raise DataError(f"{root}: data root not found")
 
     facts = gather_facts(manifest, root, vcfg)
-    report = run_suite(build_tables(facts), vcfg)
+    report = run_suite(build_tables(facts, vcfg.near_duplicate_distance), vcfg)
 
     write_json(layout.validation_dir / "result.json", report.to_dict())
     write_text(layout.validation_dir / "summary.html", render_html(report, vcfg.report_examples))
