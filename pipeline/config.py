@@ -246,7 +246,7 @@ class CamConfig(_Section):
 
 class MlflowConfig(_Section):
     # MLFLOW_TRACKING_URI wins over this. Relative sqlite paths (and artifact_root) are resolved
-    # against the current directory (the project root for dvc repro / the CLI); folders are created.
+    # against the params file's folder at load time (pipeline.app.params); folders are created.
     tracking_uri: str = "sqlite:///mlflow/mlflow.db"
     artifact_root: str = "mlflow/artifacts"
     experiment: str = "skin-twin"

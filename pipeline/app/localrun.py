@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.app.orchestration import run_dir_for
 
     cfg = load_base_config(params)
-    run_dir = run_dir_for(result["run_id"], cfg, params.parent)
+    run_dir = run_dir_for(result["run_id"], cfg)
     record_path = run_dir / "reports" / "mlflow.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     reg = record.get("registry", {})
