@@ -59,6 +59,24 @@ def tiny_mlflow(tiny: dict[str, Any]) -> dict[str, Any]:
     return {k.split(".", 1)[1]: v for k, v in tiny.items() if k.startswith("mlflow.")}
 
 
+def write_bad_imagefolder(root: Path) -> Path:
+    """An imagefolder data set, 6 valid RGB images per class plus one corrupt 'image'."""
+    import random
+
+    from PIL import Image
+
+    from pipeline.labels import CLASSES
+
+    rnd = random.Random(0)
+    for cls in CLASSES:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            colour = tuple(rnd.randrange(256) for _ in range(3))
+            Image.new("RGB", (48, 48), colour).save(root / cls / f"{cls}_{i}.png")
+    (root / "nv" / "nv_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    return root
+
+
 def airflow_env(home: Path, params: Path | None = None, **settings: str) -> dict[str, str]:
     """Environment for Airflow subprocesses with AIRFLOW_HOME=home and this project's dags folder.
 

@@ -110,7 +110,7 @@ def test_every_imported_package_is_declared() -> None:
         for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     }
     dist_of = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "great_expectations": "great-expectations",
-               "airflow": "apache-airflow"}  # fmt: skip
+               "airflow": "apache-airflow", "psycopg2": "psycopg2-binary"}  # fmt: skip
     imported: set[str] = set()
     for f in [*PACKAGE_DIR.rglob("*.py"), *(ROOT / "dags").rglob("*.py")]:
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
