@@ -8,6 +8,7 @@ once per session); the pytest process never configures Airflow itself.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from airflow_env import (
     dag_test,
     describe_dag,
     run_overrides,
+    write_bad_imagefolder,
     write_params,
 )
 
@@ -178,6 +180,42 @@ except AirflowFailException as exc:
     assert "FAILED_FAST" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_make_run_progress_lines_and_terminal_status_line() -> None:
+    from pipeline.app.localrun import Progress
+
+    for tty in (False, True):
+        out = io.StringIO()
+        p = Progress(out, tty=tty)
+        p.event({"event": "start", "tasks": ["ingest", "train"]})
+        p.event({"event": "running", "task": "ingest", "try_number": 1})
+        p.event({"event": "success", "task": "ingest"})
+        p.event({"event": "running", "task": "train", "try_number": 2})
+        p.event({"event": "failed", "task": "train", "error": "CUDA out of memory"})
+        p.close()
+        text = out.getvalue()
+        lines = [ln.split("\r")[-1] for ln in text.split("\n") if "[skin-twin]" in ln]
+        assert [ln.split()[2:4] for ln in lines] == [
+            ["DAG", "with"], ["ingest", "started"], ["ingest", "success"], ["train", "started"], ["train", "FAILED"]
+        ], text
+        assert "(try 2)" in lines[3] and "CUDA out of memory" in lines[4] and "[1/2]" in lines[2]
+        assert ("\r" in text and "1/2 tasks" in text) == tty  # the status line only on a terminal
+
+
+def test_make_ui_opens_the_project_dags_without_examples(tmp_path: Path) -> None:
+    """The printed UI command: Airflow standalone on make run's DB, this project's DAG folder, no
+    example DAGs (the DAG would otherwise show up stale next to the examples)."""
+    from pipeline.app.localrun import airflow_env, ui_command
+
+    argv, env = ui_command(tmp_path / "home", ROOT / "params.yaml", 8123)
+    assert argv[-1] == "standalone" and Path(argv[0]).name == "airflow"
+    assert env == {**airflow_env(tmp_path / "home", ROOT / "params.yaml"), "AIRFLOW__API__PORT": "8123",
+                   "AIRFLOW__API_AUTH__JWT_SECRET": env["AIRFLOW__API_AUTH__JWT_SECRET"]}  # fmt: skip
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(ROOT / "dags")
+    assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path / 'home' / 'airflow.db'}"
+    assert (ROOT / "Makefile").read_text().count("-m pipeline.app.localrun ui") == 1
+
+
 # --------------------------------------------------------------------------- DAG integrity
 
 
@@ -322,9 +360,18 @@ def test_dag_end_to_end_registers_a_model_with_lineage(dagtest_home: dict, tiny_
     missing = _missing_stage_modules()
     assert not missing, f"stage modules not written yet: {missing}"
     conf = _tiny_conf(tiny_overrides)
-    out = dag_test(dagtest_home["env"], conf)
-    assert out["state"] == "success", json.dumps(out["tis"], indent=1) + out["_log_tail"]
-    assert {t: s["state"] for t, s in out["tis"].items()} == {t: "success" for t in EXPECTED_CHAIN}
+    # Through make run's runner: dag.test() with the task listener reporting progress live.
+    from pipeline.app.localrun import run_dag
+
+    printed = io.StringIO()
+    log = dagtest_home["base"] / "make-run.log"
+    out = run_dag(dagtest_home["env"], json.dumps(conf), log, out=printed, tty=False)
+    assert out is not None and out["state"] == "success", printed.getvalue() + log.read_text()[-6000:]
+    assert out["tis"] == {t: "success" for t in EXPECTED_CHAIN}
+    lines = [ln.split()[2:4] for ln in printed.getvalue().splitlines() if ln.split()[2:3] != ["DAG"]]
+    assert lines == [[t, e] for t in EXPECTED_CHAIN for e in ("started", "success")], printed.getvalue()
+    assert "\r" not in printed.getvalue()  # no status line / progress bar when not on a terminal
+    assert "it/s" not in log.read_text()  # and no tqdm bars in the log file either
 
     run_dir = _run_dir(dagtest_home, out["run_id"])
     layout_metrics = run_dir / "reports" / "metrics.json"
@@ -348,31 +395,13 @@ def test_dag_end_to_end_registers_a_model_with_lineage(dagtest_home: dict, tiny_
     assert state["run_ids"][newest] in json.dumps(record), record
 
 
-def _write_bad_imagefolder(root: Path) -> Path:
-    """An imagefolder data set, 6 valid RGB images per class plus one corrupt 'image'."""
-    import random
-
-    from PIL import Image
-
-    from pipeline.labels import CLASSES
-
-    rnd = random.Random(0)
-    for cls in CLASSES:
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(6):
-            colour = tuple(rnd.randrange(256) for _ in range(3))
-            Image.new("RGB", (48, 48), colour).save(root / cls / f"{cls}_{i}.png")
-    (root / "nv" / "nv_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
-    return root
-
-
 @pytest.mark.slow
 def test_dag_stops_on_bad_data_before_augmentation(dagtest_home: dict, tiny_overrides: dict, tmp_path: Path) -> None:
     missing = [m for m in _missing_stage_modules() if m.split(":")[0] in ("pipeline.stages.ingest", "pipeline.stages.validate")]
     assert not missing, f"stage modules not written yet: {missing}"
     cfg = load_config(dagtest_home["params"])
     before = _registry_state(dagtest_home["mlflow"], cfg.registry.model_name)
-    bad = _write_bad_imagefolder(tmp_path / "bad_data")
+    bad = write_bad_imagefolder(tmp_path / "bad_data")
     conf = _tiny_conf(tiny_overrides, data_source="imagefolder", data_root=str(bad))
     out = dag_test(dagtest_home["env"], conf, timeout=600)
 
