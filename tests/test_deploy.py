@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -513,3 +514,27 @@ def test_operator_docs_cover_token_trigger_unpause_pool_asset_event_logs_and_sto
         text = text[text.index("## For operators") : text.index("## For auditors")]
     missing = [what for what, pattern in REST_DOCS.items() if not re.search(pattern, text)]
     assert missing == [], f"{doc}: operator docs miss {missing}"
+
+
+def test_down_stops_each_process_group_and_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    s = stack.Settings.load(None, environ={"SKIN_TWIN_STACK_DIR": str(tmp_path)})
+    polite = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"],
+        start_new_session=True,
+    )
+    for p in (polite, stubborn):  # reap them as they die (a stack's processes are not the test's children)
+        threading.Thread(target=p.wait, daemon=True).start()
+    time.sleep(0.5)  # let the stubborn one install its handler
+    state = {"services": {name: {"pid": p.pid, "start": stack._proc_start_time(p.pid), "log": ""}
+                          for name, p in (("mlflow", polite), ("airflow-worker", stubborn))}}  # fmt: skip
+    state["services"]["airflow-scheduler"] = {"pid": 999_999_999, "start": "1", "log": ""}  # long gone: ignored
+    stack._write_state(s, state)
+    assert set(stack.running(s)) == {"mlflow", "airflow-worker"}
+    killed = stack.down(s, quiet=True, timeout=2)
+    assert killed == ["airflow-worker"]
+    assert polite.wait(timeout=10) == -signal.SIGTERM and stubborn.wait(timeout=10) == -signal.SIGKILL
+    assert not stack.read_state(s) and stack.running(s) == {}
