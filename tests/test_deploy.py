@@ -383,7 +383,7 @@ def test_an_env_file_from_init_env_satisfies_compose_and_process_mode(tmp_path: 
 def _doc_commands(path: Path, tool: str) -> list[str]:
     """Shell command lines of a markdown file (code blocks and inline code) that start with ``tool``."""
     text = path.read_text(encoding="utf-8")
-    lines = re.findall(r"`([^`\n]+)`", text) + [ln for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    lines = re.findall(r"`([^`\n]+)`", text) + [ln for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.DOTALL)
                                                   for ln in block.splitlines()]  # fmt: skip
     return [ln.strip() for ln in lines if re.search(rf"(^|\s|\)){re.escape(tool)}\b", ln.strip().split("#")[0])]
 
@@ -432,7 +432,7 @@ def test_cuda_base_tag_is_a_published_form_matching_the_locked_cuda() -> None:
     m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)-runtime-ubuntu(22\.04|24\.04)", tag)
     assert m, tag
     lock = (ROOT / "requirements.lock").read_text()
-    runtime = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)\.", lock, re.M)
+    runtime = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)\.", lock, re.MULTILINE)
     assert runtime, "no nvidia-cuda-runtime pin in requirements.lock"
     assert (m.group(1), m.group(2)) == runtime.groups(), f"{tag} vs CUDA {'.'.join(runtime.groups())} in the lock"
     assert tag in (DOCKER / "README.md").read_text(encoding="utf-8")  # named, with why, for operators
@@ -467,7 +467,7 @@ def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
 
 def test_make_targets_start_and_stop_the_stack_through_the_stack_cli() -> None:
     make = (ROOT / "Makefile").read_text(encoding="utf-8")
-    recipe = lambda target: re.search(rf"^{target}:.*\n((?:\t.*\n)+)", make, re.M).group(1)  # noqa: E731
+    recipe = lambda target: re.search(rf"^{target}:.*\n((?:\t.*\n)+)", make, re.MULTILINE).group(1)
     assert "-m pipeline.app.stack up --env-file $(STACK_ENV)" in recipe("stack-up")
     assert "-m pipeline.app.stack down --env-file $(STACK_ENV)" in recipe("stack-down")
     assert "STACK_ENV ?= docker/.env" in make

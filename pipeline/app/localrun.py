@@ -296,7 +296,7 @@ def _ui(ns: argparse.Namespace) -> int:
     argv, env = ui_command(Path(ns.airflow_home).resolve(), Path(ns.params).resolve(), ns.port)
     print(f"{PREFIX} Airflow UI on http://localhost:{ns.port} (DAG folder {ROOT / 'dags'}, every user admin); Ctrl-C stops it")
     sys.stdout.flush()
-    os.execvpe(argv[0], argv, env)  # noqa: S606
+    os.execvpe(argv[0], argv, env)
     return 0  # pragma: no cover
 
 

@@ -158,7 +158,7 @@ class Settings:
     extra: Mapping[str, str]  # other variables of the env file (e.g. AIRFLOW__* tuning), passed on
 
     @classmethod
-    def load(cls, env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+    def load(cls, env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         from_file = read_env_file(env_file) if env_file else {}
         values: dict[str, str] = {}
@@ -475,7 +475,7 @@ def run_service(name: str, s: Settings) -> int:
     if not exe:
         raise StackError(f"{name}: {argv[0]} not found on PATH")
     sys.stdout.flush()
-    os.execvpe(exe, argv, env)  # noqa: S606 - replaces this process (tini/process group stay)
+    os.execvpe(exe, argv, env)
     return 0  # pragma: no cover
 
 
