@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run repro test test-fast bench clean
+.PHONY: setup run ui repro test test-fast bench clean stack-up stack-down stack-status
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -24,6 +24,25 @@ setup: $(STAMP)  ## create .venv from the lock file
 
 run: setup  ## the main job: the Airflow DAG end to end on the project's own synthetic data
 	$(BIN)/python -m pipeline.app.localrun
+
+ui: setup  ## the Airflow UI on make run's metadata DB (project DAG folder, no example DAGs)
+	$(BIN)/python -m pipeline.app.localrun ui
+
+# The deployment in process mode: the services of docker/compose.yaml as local processes on an
+# existing PostgreSQL and Redis, settings from $(STACK_ENV) (made once with fresh secrets).
+STACK_ENV ?= docker/.env
+
+$(STACK_ENV):
+	$(BIN)/python -m pipeline.app.stack init-env $(STACK_ENV)
+
+stack-up: setup $(STACK_ENV)  ## start the deployment as local processes; waits until every service answers
+	$(BIN)/python -m pipeline.app.stack up --env-file $(STACK_ENV)
+
+stack-down:  ## stop it (by process group); data stays in PostgreSQL and stack/
+	$(BIN)/python -m pipeline.app.stack down --env-file $(STACK_ENV)
+
+stack-status:  ## health of every service of the deployment
+	$(BIN)/python -m pipeline.app.stack status --env-file $(STACK_ENV)
 
 repro: setup  ## the same stages with DVC (data scientists' loop); dvc.yaml regenerated for params.yaml first
 	$(BIN)/python -m pipeline dvc-yaml

@@ -261,7 +261,7 @@ class CamConfig(_Section):
 
 class MlflowConfig(_Section):
     # MLFLOW_TRACKING_URI wins over this. Relative sqlite paths (and artifact_root) are resolved
-    # against the current directory (the project root for dvc repro / the CLI); folders are created.
+    # against the params file's folder at load time (pipeline.app.params); folders are created.
     tracking_uri: str = Field("sqlite:///mlflow/mlflow.db", min_length=1)
     artifact_root: str = Field("mlflow/artifacts", min_length=1)
     experiment: str = Field("skin-twin", min_length=1)

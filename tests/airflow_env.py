@@ -34,18 +34,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_params(target: Path, airflow: dict[str, Any] | None = None) -> Path:
-    """A copy of the project's params.yaml with ``airflow`` section values replaced."""
+def write_params(target: Path, airflow: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:
+    """A copy of the project's params.yaml with ``airflow`` section values (and those of other
+    ``sections``, e.g. ``mlflow={...}``) replaced."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw.setdefault("airflow", {}).update(airflow or {})
+    for name, values in {"airflow": airflow or {}, **sections}.items():
+        raw.setdefault(name, {}).update(values)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return target
 
 
 def run_overrides(tiny: dict[str, Any]) -> dict[str, Any]:
-    """tiny_overrides as run-time ``overrides``: the DAG sets paths.work_dir per run itself."""
-    return {k: v for k, v in tiny.items() if k != "paths.work_dir"}
+    """tiny_overrides as run-time ``overrides``: only the keys a run may set (data, training
+    hyper-parameters). The DAG sets paths.work_dir per run; the MLflow store is the deployment's
+    (params file), see :func:`tiny_mlflow`."""
+    from pipeline.app.orchestration import overridable
+
+    return {k: v for k, v in tiny.items() if overridable(k)}
+
+
+def tiny_mlflow(tiny: dict[str, Any]) -> dict[str, Any]:
+    """The ``mlflow`` section of tiny_overrides, for :func:`write_params`."""
+    return {k.split(".", 1)[1]: v for k, v in tiny.items() if k.startswith("mlflow.")}
+
+
+def write_bad_imagefolder(root: Path) -> Path:
+    """An imagefolder data set, 6 valid RGB images per class plus one corrupt 'image'."""
+    import random
+
+    from PIL import Image
+
+    from pipeline.labels import CLASSES
+
+    rnd = random.Random(0)
+    for cls in CLASSES:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            colour = tuple(rnd.randrange(256) for _ in range(3))
+            Image.new("RGB", (48, 48), colour).save(root / cls / f"{cls}_{i}.png")
+    (root / "nv" / "nv_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    return root
 
 
 def airflow_env(home: Path, params: Path | None = None, **settings: str) -> dict[str, str]:

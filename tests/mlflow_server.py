@@ -73,10 +73,7 @@ class MlflowServer:
                 self.proc.wait(timeout=10)
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return _tail(self.log_path, n)
 
 
 def start_server(folder: Path, timeout: float = 90.0) -> MlflowServer:
@@ -102,19 +99,35 @@ def start_server(folder: Path, timeout: float = 90.0) -> MlflowServer:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env, start_new_session=True)
     server = MlflowServer(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_http(f"{server.uri}/health", proc, log_path, timeout)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:
+    """Wait until ``url`` answers 200; RuntimeError with the log's tail if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{_tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"{server.uri}/health", timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
-                    return server
+                    return
         except OSError:
             pass
         time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"mlflow server did not become healthy in {timeout}s:\n{server.log_tail()}")
+    raise RuntimeError(f"{url} did not answer in {timeout}s:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
 
 
 # --------------------------------------------------------------------------------------------

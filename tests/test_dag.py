@@ -8,6 +8,7 @@ once per session); the pytest process never configures Airflow itself.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -24,10 +25,12 @@ from airflow_env import (
     dag_test,
     describe_dag,
     run_overrides,
+    write_bad_imagefolder,
     write_params,
 )
 
 from pipeline.app import orchestration as orch
+from pipeline.app.params import load_params
 from pipeline.config import ConfigError, load_config
 from pipeline.io.digests import path_sha256
 
@@ -67,6 +70,63 @@ def test_run_config_per_run_folder_params_and_overrides(tmp_path: Path, monkeypa
     for bad in ({"paths.work_dir": "/elsewhere"}, {"airflow.retries": 0}, {"train.epochs": "many"}):
         with pytest.raises(ConfigError):
             orch.build_run_config("x", {"overrides": bad})
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["registry.floor", "registry.margin", "registry.model_name", "mlflow.tracking_uri", "mlflow.artifact_root",
+     "paths.work_dir", "airflow.gpu_pool", "validate.min_width", "evaluate.batch_size", "registry", "data",
+     "data.split.train", " registry.floor "],
+)  # fmt: skip
+def test_run_overrides_outside_the_allow_list_are_refused_naming_the_key(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(orch.PARAMS_ENV, str(write_params(tmp_path / "params.yaml", {"runs_dir": "runs"})))
+    with pytest.raises(ConfigError, match=rf"params\.overrides: {key.strip()} may not be set per run"):
+        orch.build_run_config("r", {"overrides": {key: 0, "train.epochs": 1}})
+
+
+def test_run_overrides_allow_data_and_training_hyper_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(orch.PARAMS_ENV, str(write_params(tmp_path / "params.yaml", {"runs_dir": "runs"})))
+    allowed = {
+        "data.source": "imagefolder", "data.root": "imgs", "seed": 7, "synthetic.images_per_class": 9,
+        "augment.copies": 1, "augment.max_copies": 1, "pairs.epochs": 3, "model.dropout": 0.2, "loss.gamma": 1.0,
+        "train.epochs": 3, "train.lr": 0.01,
+    }  # fmt: skip
+    cfg = orch.build_run_config("r", {"overrides": allowed})
+    assert (cfg.data.source, cfg.seed, cfg.train.lr, cfg.loss.gamma) == ("imagefolder", 7, 0.01, 1.0)
+    assert cfg.data.root == str((tmp_path / "imgs").resolve())  # relative to the params file's folder
+    assert all(orch.overridable(k) for k in allowed)
+
+
+def test_relative_paths_resolve_against_the_params_folder_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker or a `lineage` call started elsewhere reads the same store (no new empty one)."""
+    folder = tmp_path / "project"
+    params = write_params(
+        folder / "params.yaml", {"runs_dir": "runs"},
+        mlflow={"tracking_uri": "sqlite:///mlflow/mlflow.db", "artifact_root": "mlflow/artifacts"},
+        data={"root": "../data/x", "csv": "gt.csv", "source": "imagefolder"},
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv(orch.PARAMS_ENV, str(params))
+    for cfg in (load_params(params), orch.load_base_config(), orch.build_run_config("r", {})):
+        assert cfg.mlflow.tracking_uri == f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}"
+        assert cfg.mlflow.artifact_root == str(folder / "mlflow" / "artifacts")
+        assert cfg.data.root == str(tmp_path / "data" / "x") and cfg.data.csv == str(folder / "gt.csv")
+        assert cfg.airflow.runs_dir == str(folder / "runs")
+    from pipeline.io.mlflow_service import artifact_location, resolve_tracking_uri
+
+    cfg = load_params(params)
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}"
+    assert artifact_location(cfg, resolve_tracking_uri(cfg)) == (folder / "mlflow" / "artifacts").as_uri()
+    assert not (elsewhere / "mlflow").exists(), "a store was created below the current directory"
+    # CLI --set values are relative to the params file's folder too; absolute ones stay.
+    assert load_params(params, ["data.root=imgs"]).data.root == str(folder / "imgs")
+    assert load_params(params, ["mlflow.tracking_uri=sqlite:////abs/m.db"]).mlflow.tracking_uri == "sqlite:////abs/m.db"
 
 
 def test_frozen_run_config_wins_over_later_params_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,6 +180,42 @@ except AirflowFailException as exc:
     assert "FAILED_FAST" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_make_run_progress_lines_and_terminal_status_line() -> None:
+    from pipeline.app.localrun import Progress
+
+    for tty in (False, True):
+        out = io.StringIO()
+        p = Progress(out, tty=tty)
+        p.event({"event": "start", "tasks": ["ingest", "train"]})
+        p.event({"event": "running", "task": "ingest", "try_number": 1})
+        p.event({"event": "success", "task": "ingest"})
+        p.event({"event": "running", "task": "train", "try_number": 2})
+        p.event({"event": "failed", "task": "train", "error": "CUDA out of memory"})
+        p.close()
+        text = out.getvalue()
+        lines = [ln.split("\r")[-1] for ln in text.split("\n") if "[skin-twin]" in ln]
+        assert [ln.split()[2:4] for ln in lines] == [
+            ["DAG", "with"], ["ingest", "started"], ["ingest", "success"], ["train", "started"], ["train", "FAILED"]
+        ], text
+        assert "(try 2)" in lines[3] and "CUDA out of memory" in lines[4] and "[1/2]" in lines[2]
+        assert ("\r" in text and "1/2 tasks" in text) == tty  # the status line only on a terminal
+
+
+def test_make_ui_opens_the_project_dags_without_examples(tmp_path: Path) -> None:
+    """The printed UI command: Airflow standalone on make run's DB, this project's DAG folder, no
+    example DAGs (the DAG would otherwise show up stale next to the examples)."""
+    from pipeline.app.localrun import airflow_env, ui_command
+
+    argv, env = ui_command(tmp_path / "home", ROOT / "params.yaml", 8123)
+    assert argv[-1] == "standalone" and Path(argv[0]).name == "airflow"
+    assert env == {**airflow_env(tmp_path / "home", ROOT / "params.yaml"), "AIRFLOW__API__PORT": "8123",
+                   "AIRFLOW__API_AUTH__JWT_SECRET": env["AIRFLOW__API_AUTH__JWT_SECRET"]}  # fmt: skip
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(ROOT / "dags")
+    assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path / 'home' / 'airflow.db'}"
+    assert (ROOT / "Makefile").read_text().count("-m pipeline.app.localrun ui") == 1
+
+
 # --------------------------------------------------------------------------- DAG integrity
 
 
@@ -165,10 +261,11 @@ def test_train_routes_to_gpu_queue_and_pool(described: dict) -> None:
 def test_outputs_are_assets_and_run_params_exist(described: dict) -> None:
     dag = described["dags"][DAG_ID]
     outlets = {tid: t["outlets"] for tid, t in dag["tasks"].items() if t["outlets"]}
+    # The model Asset comes after the champion gate (register), never before it (select).
     assert outlets == {
         "validate": ["skin_twin.validated_manifest"],
-        "select": ["skin_twin.model"],
         "evaluate": ["skin_twin.metrics"],
+        "register": ["skin_twin.model"],
     }
     assert set(dag["params"]) == {"data_source", "data_root", "data_csv", "overrides"}
     assert dag["params"]["overrides"] == {}
@@ -206,19 +303,21 @@ def test_schedule_from_config(tmp_path: Path, airflow: dict, timetable: str, ass
 def dagtest_home(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A migrated temp AIRFLOW_HOME (SQLite) + params file whose runs go below the temp folder."""
     base = tmp_path_factory.mktemp("dagtest")
-    params = write_params(base / "params.yaml", {"runs_dir": str(base / "runs"), "retry_delay_s": 1})
+    # One MLflow store for all DAG tests of the session (the deployment's, in the params file): a
+    # failed run must not touch the registry.
+    mlflow_dir = base / "mlflow"
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    params = write_params(
+        base / "params.yaml", {"runs_dir": str(base / "runs"), "retry_delay_s": 1},
+        mlflow={"tracking_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}", "artifact_root": str(mlflow_dir / "artifacts")},
+    )  # fmt: skip
     env = airflow_env(base / "airflow_home", params=params)
     airflow_cli(env, "db", "migrate", timeout=600)
-    return {"env": env, "params": params, "base": base, "mlflow": base / "mlflow"}
+    return {"env": env, "params": params, "base": base, "mlflow": mlflow_dir}
 
 
-def _tiny_conf(tiny_overrides: dict, mlflow_dir: Path, **params) -> dict:
-    overrides = run_overrides(tiny_overrides)
-    # One MLflow store for all DAG tests of the session: a failed run must not touch the registry.
-    overrides["mlflow.tracking_uri"] = f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    overrides["mlflow.artifact_root"] = str(mlflow_dir / "artifacts")
-    mlflow_dir.mkdir(parents=True, exist_ok=True)
-    return {"overrides": overrides, **params}
+def _tiny_conf(tiny_overrides: dict, **params) -> dict:
+    return {"overrides": run_overrides(tiny_overrides), **params}
 
 
 def _registry_state(mlflow_dir: Path, model_name: str) -> dict:
@@ -246,7 +345,7 @@ def _registry_state(mlflow_dir: Path, model_name: str) -> dict:
 
 
 def _run_dir(home: dict, run_id: str) -> Path:
-    return orch.run_dir_for(run_id, load_config(home["params"]), home["params"].parent)
+    return orch.run_dir_for(run_id, load_params(home["params"]))
 
 
 def _missing_stage_modules() -> list[str]:
@@ -260,10 +359,19 @@ def _missing_stage_modules() -> list[str]:
 def test_dag_end_to_end_registers_a_model_with_lineage(dagtest_home: dict, tiny_overrides: dict) -> None:
     missing = _missing_stage_modules()
     assert not missing, f"stage modules not written yet: {missing}"
-    conf = _tiny_conf(tiny_overrides, dagtest_home["mlflow"])
-    out = dag_test(dagtest_home["env"], conf)
-    assert out["state"] == "success", json.dumps(out["tis"], indent=1) + out["_log_tail"]
-    assert {t: s["state"] for t, s in out["tis"].items()} == {t: "success" for t in EXPECTED_CHAIN}
+    conf = _tiny_conf(tiny_overrides)
+    # Through make run's runner: dag.test() with the task listener reporting progress live.
+    from pipeline.app.localrun import run_dag
+
+    printed = io.StringIO()
+    log = dagtest_home["base"] / "make-run.log"
+    out = run_dag(dagtest_home["env"], json.dumps(conf), log, out=printed, tty=False)
+    assert out is not None and out["state"] == "success", printed.getvalue() + log.read_text()[-6000:]
+    assert out["tis"] == {t: "success" for t in EXPECTED_CHAIN}
+    lines = [ln.split()[2:4] for ln in printed.getvalue().splitlines() if ln.split()[2:3] != ["DAG"]]
+    assert lines == [[t, e] for t in EXPECTED_CHAIN for e in ("started", "success")], printed.getvalue()
+    assert "\r" not in printed.getvalue()  # no status line / progress bar when not on a terminal
+    assert "it/s" not in log.read_text()  # and no tqdm bars in the log file either
 
     run_dir = _run_dir(dagtest_home, out["run_id"])
     layout_metrics = run_dir / "reports" / "metrics.json"
@@ -287,32 +395,14 @@ def test_dag_end_to_end_registers_a_model_with_lineage(dagtest_home: dict, tiny_
     assert state["run_ids"][newest] in json.dumps(record), record
 
 
-def _write_bad_imagefolder(root: Path) -> Path:
-    """An imagefolder data set, 6 valid RGB images per class plus one corrupt 'image'."""
-    import random
-
-    from PIL import Image
-
-    from pipeline.labels import CLASSES
-
-    rnd = random.Random(0)
-    for cls in CLASSES:
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(6):
-            colour = tuple(rnd.randrange(256) for _ in range(3))
-            Image.new("RGB", (48, 48), colour).save(root / cls / f"{cls}_{i}.png")
-    (root / "nv" / "nv_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
-    return root
-
-
 @pytest.mark.slow
 def test_dag_stops_on_bad_data_before_augmentation(dagtest_home: dict, tiny_overrides: dict, tmp_path: Path) -> None:
     missing = [m for m in _missing_stage_modules() if m.split(":")[0] in ("pipeline.stages.ingest", "pipeline.stages.validate")]
     assert not missing, f"stage modules not written yet: {missing}"
     cfg = load_config(dagtest_home["params"])
     before = _registry_state(dagtest_home["mlflow"], cfg.registry.model_name)
-    bad = _write_bad_imagefolder(tmp_path / "bad_data")
-    conf = _tiny_conf(tiny_overrides, dagtest_home["mlflow"], data_source="imagefolder", data_root=str(bad))
+    bad = write_bad_imagefolder(tmp_path / "bad_data")
+    conf = _tiny_conf(tiny_overrides, data_source="imagefolder", data_root=str(bad))
     out = dag_test(dagtest_home["env"], conf, timeout=600)
 
     assert out["state"] == "failed", json.dumps(out["tis"], indent=1) + out["_log_tail"]

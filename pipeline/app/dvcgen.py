@@ -55,20 +55,19 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def data_deps(cfg: Config, base: Path, layout: Layout) -> list[str]:
-    """The raw data the configured source reads: the generated folder, or data.root (+ data.csv)."""
+    """The raw data the configured source reads: the generated folder, or data.root (+ data.csv).
+
+    The loaded config holds these paths absolute (relative ones are resolved against the params
+    file's folder at load time); ``dvc.yaml`` names them relative to its folder when they are inside
+    it, absolute otherwise.
+    """
     if cfg.data.root:
-        root = Path(cfg.data.root)
-        deps = [root.as_posix() if root.is_absolute() else _norm(root)]
+        deps = [_rel(Path(cfg.data.root), base)]
     else:
         deps = [_rel(layout.synthetic_dir, base)]
     if cfg.data.csv:
-        csv = Path(cfg.data.csv)
-        deps.append(csv.as_posix() if csv.is_absolute() else _norm(csv))
+        deps.append(_rel(Path(cfg.data.csv), base))
     return deps
-
-
-def _norm(p: Path) -> str:
-    return os.path.normpath(p.as_posix()).replace(os.sep, "/")
 
 
 def _out(o: table.Out, path: str) -> Any:

@@ -8,13 +8,16 @@ The DAG file only wires tasks; everything a task does lives here:
   deterministic (re-runs and retries of one DAG run reuse it) and unique (a hash of the raw run id is
   appended, so two run ids that sanitise alike never share a folder).
 * :func:`build_run_config` — the per-run config: params file + run-time Airflow params (data source,
-  data root, CSV, a dict of dotted-key overrides) + ``paths.work_dir`` forced to the run folder.
+  data root, CSV, a dict of dotted-key overrides limited to :data:`RUN_OVERRIDABLE`: data and
+  training hyper-parameters, never the registry gate, MLflow, paths or Airflow settings) +
+  ``paths.work_dir`` forced to the run folder.
   The first task freezes it in ``<run_dir>/run_config.json``; later tasks (and their retries) read the
   frozen copy, so editing ``params.yaml`` mid-run cannot mix two configurations in one run.
 * :func:`run_stage` — runs one task's stages (from the stage table, :mod:`pipeline.app.table`) and
   returns a small, JSON-able summary for XCom (paths, digests, ids; never data).
 * :func:`asset_extra` — the extras of the Asset event a task emits (output digests, run id, config
-  digest, headline metrics).
+  digest, headline metrics; for the model Asset, emitted by ``register``, the registered version and
+  the gate decision, so that downstream DAGs can act on promotions only).
 
 Deterministic failures (bad data, failed validation, bad parameters) become
 ``AirflowFailException`` so Airflow fails the task at once instead of retrying it; retries with
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.app import table
-from pipeline.app.params import check, load_params
+from pipeline.app.params import load_params
 from pipeline.config import Config, ConfigError
 from pipeline.errors import PipelineError
 from pipeline.io import readers
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_ENV = "SKIN_TWIN_PARAMS"
+WORKER_ENV = "SKIN_TWIN_WORKER"
 DAG_ID = "skin_twin"
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -60,11 +64,13 @@ TASK_OUTLETS: dict[str, str] = {t: table.task_stage(t).outlet for t in TASKS if 
 
 # Run-time Airflow params (name -> dotted config key) an operator may set when triggering a run.
 PARAM_KEYS: dict[str, str] = {"data_source": "data.source", "data_root": "data.root", "data_csv": "data.csv"}
-# Keys decided by the deployment / at DAG parse time, never by one run's overrides.
-_FORBIDDEN_PREFIXES = ("paths.work_dir", "airflow")
-# Keys holding file system paths; relative values are resolved against the params file's folder
-# so that a task does not depend on the worker's current directory.
-_PATH_KEYS = ("data.root", "data.csv")
+# What one run may change through its ``overrides`` (a key, or a section and every key below it):
+# the data and the training hyper-parameters. Everything else -- the registry gate (``registry.*``),
+# where results go (``mlflow.*``, ``paths.*``), the orchestration (``airflow.*``), the data checks
+# (``validate.*``) -- belongs to the deployment's params file; a run that tries to set it fails at once.
+RUN_OVERRIDABLE: tuple[str, ...] = (
+    "data.source", "data.root", "data.csv", "seed", "synthetic", "augment", "pairs", "model", "loss", "train",
+)  # fmt: skip
 
 _HEAVY_FREE_MAX_SCALAR = 200  # longest string copied from a stage result into XCom / extras
 
@@ -104,13 +110,14 @@ def sanitize_run_id(run_id: str) -> str:
     return f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
-def runs_dir(cfg: Config, base: Path) -> Path:
-    path = Path(cfg.airflow.runs_dir).expanduser()
-    return path if path.is_absolute() else (base / path)
+def run_dir_for(run_id: str, cfg: Config) -> Path:
+    """``<airflow.runs_dir>/<sanitised run_id>`` (``runs_dir`` is absolute: see :func:`load_params`)."""
+    return (Path(cfg.airflow.runs_dir) / sanitize_run_id(run_id)).resolve()
 
 
-def run_dir_for(run_id: str, cfg: Config, base: Path) -> Path:
-    return (runs_dir(cfg, base) / sanitize_run_id(run_id)).resolve()
+def overridable(key: str) -> bool:
+    """May one run set ``key`` (see :data:`RUN_OVERRIDABLE`)?"""
+    return any(key == p or key.startswith(p + ".") for p in RUN_OVERRIDABLE)
 
 
 def run_overrides(params: Mapping[str, Any] | None, trigger_extras: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
@@ -131,24 +138,14 @@ def run_overrides(params: Mapping[str, Any] | None, trigger_extras: list[Mapping
     overrides = params.get("overrides") or {}
     if not isinstance(overrides, Mapping):
         raise ConfigError(f"params.overrides: expected a mapping of dotted keys, got {type(overrides).__name__}")
-    for key, value in overrides.items():
-        key = str(key).strip()
-        if any(key == p or key.startswith(p + ".") for p in _FORBIDDEN_PREFIXES):
-            raise ConfigError(
-                f"params.overrides.{key}: set by the deployment (params file / DAG), not per run; "
-                "each DAG run works in <airflow.runs_dir>/<run_id>"
-            )
-        out[key] = value
-    return out
-
-
-def _resolve_paths(overrides: dict[str, Any], base: Path) -> dict[str, Any]:
-    out = dict(overrides)
-    for key in _PATH_KEYS:
-        value = out.get(key)
-        if isinstance(value, str) and value:
-            p = Path(value).expanduser()
-            out[key] = str(p if p.is_absolute() else (base / p).resolve())
+    refused = sorted(str(k).strip() for k in overrides if not overridable(str(k).strip()))
+    if refused:
+        allowed = ", ".join(k if "." in k or k == "seed" else k + ".*" for k in RUN_OVERRIDABLE)
+        raise ConfigError(
+            f"params.overrides: {', '.join(refused)} may not be set per run (allowed: {allowed}); "
+            "registry, MLflow, paths, Airflow and validation settings belong to the deployment's params file"
+        )
+    out.update({str(k).strip(): v for k, v in overrides.items()})
     return out
 
 
@@ -159,18 +156,13 @@ def build_run_config(
     trigger_extras: list[Mapping[str, Any]] | None = None,
     path: str | Path | None = None,
 ) -> Config:
-    """The config of one DAG run: params file + run-time overrides, ``paths.work_dir`` = run folder."""
+    """The config of one DAG run: params file + run-time overrides (allow-listed), ``paths.work_dir``
+    = the run folder. Relative paths, in the file or in the overrides, are relative to the params
+    file's folder (:func:`~pipeline.app.params.load_params`)."""
     pfile = Path(path) if path else params_file()
-    base_dir = pfile.resolve().parent
-    base = load_base_config(pfile)
-    overrides = _resolve_paths(run_overrides(params, trigger_extras), base_dir)
-    # data.root in the params file itself, when relative, is relative to the params file too.
-    if "data.root" not in overrides and base.data.root and not Path(base.data.root).is_absolute():
-        overrides["data.root"] = str((base_dir / base.data.root).resolve())
-    if "data.csv" not in overrides and base.data.csv and not Path(base.data.csv).is_absolute():
-        overrides["data.csv"] = str((base_dir / base.data.csv).resolve())
-    overrides["paths.work_dir"] = str(run_dir_for(run_id, base, base_dir))
-    return check(base.with_overrides(overrides))
+    overrides = run_overrides(params, trigger_extras)
+    overrides["paths.work_dir"] = str(run_dir_for(run_id, load_base_config(pfile)))
+    return load_params(pfile, overrides)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -307,6 +299,8 @@ def run_stage(
         "run_dir": str(layout.work_dir),
         "config_digest": cfg.digest(),
         "seconds": round(time.perf_counter() - t0, 3),
+        # The deployment's name of the worker that ran the task (set by pipeline.app.stack).
+        "worker": os.environ.get(WORKER_ENV),
         "outputs": {k: str(p) for k, p in outputs.items()},
         "digests": {k: path_sha256(p) for k, p in outputs.items()},
         "result": results[task] if len(results) == 1 and task in results else results,
@@ -330,6 +324,19 @@ def asset_extra(task: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         "digests": dict(summary.get("digests") or {}),
         "result": _scalars(summary.get("result")),
     }
+    if TASK_OUTLETS.get(task) == "model":
+        reg = summary.get("result") or {}
+        name, version = reg.get("model_name"), reg.get("version")
+        extra["model"] = {
+            "name": name,
+            "version": version,
+            "uri": f"models:/{name}/{version}" if name and version else None,
+            "decision": reg.get("decision"),
+            "champion_version": reg.get("champion_version"),
+            "challenger_balanced_accuracy": reg.get("challenger_balanced_accuracy"),
+            "champion_balanced_accuracy": reg.get("champion_balanced_accuracy"),
+        }
+        extra["promoted"] = bool(reg.get("promoted"))
     if task == "evaluate":
         metrics_path = Path((summary.get("outputs") or {}).get("metrics", ""))
         if metrics_path.is_file():

@@ -12,7 +12,8 @@ One :class:`Stage` per ``python -m pipeline <name>`` command:
   project (``synthetic``) and no ``data.root`` is given;
 * ``task`` / ``queue`` / ``outlet`` -- the Airflow task that runs it (several stages may share one
   task, in order), the Celery queue of that task (``"gpu"``: ``airflow.gpu_queue`` and the pool
-  ``airflow.gpu_pool``) and the Asset key the task emits;
+  ``airflow.gpu_pool``) and the Asset key the task emits (the model Asset comes from ``register``,
+  after the champion gate, with the decision in its extras);
 * ``dvc_stage`` -- the DVC stage it belongs to when several commands share outputs (``publish`` =
   ``track`` + ``register``, which both write the tracking record);
 * ``pipeline=False`` -- a tool command (``predict``, ``lineage``, ``dvc-yaml``): CLI only.
@@ -117,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "select", "pipeline.stages.select:run_select",
         "Pick the branch with the lower validation loss and export the inference model (S3).",
-        deps=("train_dir",), outs=(Out("export_dir", digest=True),), task="select", outlet="model",
+        deps=("train_dir",), outs=(Out("export_dir", digest=True),), task="select",
     ),
     Stage(
         "evaluate", "pipeline.stages.evaluate:run_evaluate",
@@ -138,7 +139,7 @@ STAGES: tuple[Stage, ...] = (
         "register", "pipeline.stages.register:run_register",
         "Register the model as challenger and apply the champion gate.",
         deps=("augmented_dir",), outs=(Out("tracking_record", cache=False, digest=True),),
-        params=("mlflow", "registry"), task="register", dvc_stage="publish",
+        params=("mlflow", "registry"), task="register", outlet="model", dvc_stage="publish",
     ),
     Stage(
         "predict", "pipeline.stages.predict:run_predict",

@@ -400,4 +400,5 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (Airflow task logs, make run's log file).
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
