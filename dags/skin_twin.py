@@ -61,7 +61,14 @@ def _run(name: str) -> dict:
     """Body of every task: run the stage(s), attach Asset event extras, return the XCom summary."""
     ctx = get_current_context()
     trigger = orch.trigger_extras_from(ctx.get("triggering_asset_events"))
-    summary = orch.run_stage(name, ctx["run_id"], dict(ctx["params"]), trigger_extras=trigger)
+    dag_run, ti = ctx.get("dag_run"), ctx.get("ti")
+    facts = {
+        # who started the run: the API / UI user, or the scheduler / an Asset event for scheduled runs
+        "triggered_by": getattr(dag_run, "triggering_user_name", None) or str(getattr(dag_run, "run_type", "")) or None,
+        "queue": getattr(ti, "queue", None),
+        "try_number": getattr(ti, "try_number", None),
+    }
+    summary = orch.run_stage(name, ctx["run_id"], dict(ctx["params"]), trigger_extras=trigger, task_facts=facts)
     for asset in _outlets(name):
         ctx["outlet_events"][asset].extra.update(orch.asset_extra(name, summary))
     return summary

@@ -182,6 +182,7 @@ def export_tiny_model(cfg: Any, folder: Path, seed: int = 0, extra_meta: dict[st
 
 def make_run(cfg: Any, seed: int = 0, per_split: tuple[int, int, int] = (3, 2, 2), fake_ba: float | None = None) -> Path:
     """Write a finished pipeline run (everything ``track`` reads) below ``cfg.paths.work_dir``."""
+    from pipeline.io.readers import data_root
     from pipeline.labels import CLASSES
     from pipeline.layout import Layout
 
@@ -194,7 +195,7 @@ def make_run(cfg: Any, seed: int = 0, per_split: tuple[int, int, int] = (3, 2, 2
             for k in range(n):
                 image_id = f"{split}_{cls}_{k}"
                 png = _png_bytes(_image(rng, c, size))
-                raw = layout.synthetic_dir / f"{image_id}.png"
+                raw = data_root(cfg) / f"{image_id}.png"
                 raw.parent.mkdir(parents=True, exist_ok=True)
                 raw.write_bytes(png)
                 rows.append({

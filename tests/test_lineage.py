@@ -66,13 +66,15 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "skin_twin")
     monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "scheduled__2026-01-05")
     monkeypatch.setenv("AIRFLOW_CTX_TRY_NUMBER", "1")
-    # a dvc.lock at the "project root"
+    # this "run" is a stage of `dvc repro` in a project whose dvc.lock holds the upstream hashes
     fake_root = tmp_path / "project"
     fake_root.mkdir()
     (fake_root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  augment:\n    outs:\n    - path: data/augmented\n      md5: abc.dir\n")
     import pipeline.io.provenance as provenance
 
     monkeypatch.setattr(provenance, "PROJECT_ROOT", fake_root)
+    monkeypatch.setenv("DVC_ROOT", str(fake_root))
+    monkeypatch.setenv("DVC_STAGE", "publish")
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     monkeypatch.setenv("SKIN_TWIN_GIT_COMMIT", "feedface")
     monkeypatch.setenv("SKIN_TWIN_GIT_DIRTY", "true")
@@ -103,15 +105,17 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
     for split in ("train", "val", "test"):
         full = content_digest(manifest[manifest["split"] == split])
         d = chain["data"][split]
-        assert d["tag_digest"] == full and full.startswith(d["digest"])
-        assert d["source"].endswith("validated.parquet") and int(d["rows"]) == 7 * {"train": 3, "val": 2, "test": 2}[split]
+        # the content digest is the tag; the dataset is this run's own logged manifest (its digest covers both)
+        assert d["tag_digest"] == full and d["digest"] == provenance.dataset_digest(full, d["source"])
+        assert d["source"].endswith(f"{tracked['run_id']}/artifacts/lineage/manifests/{split}.csv")
+        assert int(d["rows"]) == 7 * {"train": 3, "val": 2, "test": 2}[split]
     assert chain["dvc"]["augment.data/augmented"] == "abc.dir"
     assert chain["validation"]["success"] == "true"
     assert chain["validation"]["digest"] == file_sha256(work / "reports" / "validation" / "result.json")
     assert chain["pairs"]["summary_digest"] == file_sha256(work / "reports" / "pairs_summary.json")
     assert chain["airflow"] == {"dag_id": "skin_twin", "dag_run_id": "scheduled__2026-01-05", "try_number": "1"}
-    for needle in ("-> run", "-> code  feedface (uncommitted changes)", "-> params", "-> data", "-> validation success=true",
-                   "-> pairs", "-> airflow dag skin_twin run scheduled__2026-01-05 try 1"):
+    for needle in ("-> run", "-> code    feedface (uncommitted changes)", "-> params", "-> data",
+                   "-> checks  validation success=true", "-> pairs", "-> airflow dag skin_twin run scheduled__2026-01-05 try 1"):
         assert needle in printed, needle
     assert format_chain(chain) in printed
     json.dumps(chain)  # JSON-able for the CLI
@@ -138,3 +142,22 @@ def test_lineage_cli_unknown_model_is_a_clean_error(tmp_path: Path, monkeypatch:
     rc = main(argv)
     assert rc == 1
     assert "not found in the registry" in capsys.readouterr().err
+
+
+def test_dvc_hashes_only_for_a_dvc_repro_of_that_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dvc.lock lying in the checkout says nothing about an Airflow or CLI run: no DVC tags then."""
+    import pipeline.io.provenance as provenance
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: models/train\n      md5: stale.dir\n")
+    monkeypatch.setattr(provenance, "PROJECT_ROOT", root)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    cfg = make_cfg(tmp_path)
+    make_run(cfg, seed=1)
+    assert not [k for k in provenance.lineage_tags(cfg) if ".dvc." in k]
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.setenv("DVC_STAGE", "publish")
+    tags = provenance.lineage_tags(cfg)
+    assert tags["skin_twin.dvc.train.models/train"] == "stale.dir" and tags["skin_twin.dvc.stage"] == "publish"

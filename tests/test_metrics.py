@@ -112,3 +112,20 @@ def test_roc_curves_match_sklearn() -> None:
         np.testing.assert_allclose(fpr, efpr)
         np.testing.assert_allclose(tpr, etpr)
         assert fpr[0] == 0 and tpr[-1] == 1
+
+
+def test_expected_calibration_error() -> None:
+    from pipeline.core.metrics import expected_calibration_error
+
+    y = np.array([0, 1, 0, 1])
+    perfect = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(y, perfect) == pytest.approx(0.0)
+    # always 90 % sure, right half of the time: |0.5 - 0.9| = 0.4
+    over = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.9, 0.1]])
+    assert expected_calibration_error(y, over) == pytest.approx(0.4)
+    # two bins of two: 0.6 sure and right twice (|1 - .6|), 0.8 sure and wrong twice (|0 - .8|) -> (0.4 + 0.8) / 2
+    mixed = np.array([[0.6, 0.4], [0.4, 0.6], [0.2, 0.8], [0.8, 0.2]])
+    assert expected_calibration_error(y, mixed) == pytest.approx(0.6)
+    from pipeline.core.metrics import classification_metrics
+
+    assert classification_metrics(np.arange(7), np.eye(7))["ece"] == pytest.approx(0.0)

@@ -97,6 +97,7 @@ def test_run_holds_params_metrics_datasets_tags_artifacts(tracked) -> None:
     import mlflow
     from pipeline.core.lineage import content_digest
     from pipeline.io.mlflow_service import client_for
+    from pipeline.io.provenance import dataset_digest
 
     cfg, result = tracked
     client = client_for(cfg)
@@ -126,7 +127,10 @@ def test_run_holds_params_metrics_datasets_tags_artifacts(tracked) -> None:
     assert set(inputs) == {"training", "validation", "testing"}
     for split, ctx in (("train", "training"), ("val", "validation"), ("test", "testing")):
         full = content_digest(manifest[manifest["split"] == split])
-        assert inputs[ctx].name == split and full.startswith(inputs[ctx].digest)
+        source = json.loads(inputs[ctx].source)
+        where = source.get("uri") or source.get("url")
+        assert f"lineage/manifests/{split}.csv" in where and result["run_id"] in where  # this run's own manifest
+        assert inputs[ctx].name == split and inputs[ctx].digest == dataset_digest(full, where)
         assert tags[f"skin_twin.data_digest.{split}"] == full
 
     arts = set()
@@ -157,12 +161,24 @@ def test_logged_model_predicts_like_the_export(tracked) -> None:
 
     cfg, result = tracked
     exported = load_exported(Path(cfg.paths.work_dir) / "models" / "export")
+    from mlflow.models import Model, convert_input_example_to_serving_input, validate_serving_input
+
+    from pipeline.io.pyfunc import encode_png
+
     rng = np.random.default_rng(7)
     batch = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    got = mlflow.pyfunc.load_model(result["model_uri"]).predict(batch)
+    frame = pd.DataFrame({"image": [encode_png(a) for a in batch]})
+    got = mlflow.pyfunc.load_model(result["model_uri"]).predict(frame)
     np.testing.assert_allclose(got.to_numpy(), predict_proba(exported, list(batch), 64), atol=1e-6)
-    single = mlflow.pyfunc.load_model(result["run_model_uri"]).predict(batch[0])
+    single = mlflow.pyfunc.load_model(result["run_model_uri"]).predict(frame.iloc[:1])
     assert single.shape == (1, 7)
+    # the signature has an input schema, and the logged input example round-trips through serving JSON
+    info = Model.load(result["model_uri"])
+    assert info.signature.inputs.input_names() == ["image"] and info.signature.inputs.inputs[0].type.name == "binary"
+    example = info.load_input_example(mlflow.artifacts.download_artifacts(result["model_uri"]))
+    served = validate_serving_input(result["model_uri"], convert_input_example_to_serving_input(example))
+    np.testing.assert_allclose(served.to_numpy().sum(axis=1), 1.0, atol=1e-9)
+    assert list(served.columns) == list(got.columns) and len(served) == len(example)
     net = mlflow.pytorch.load_model(result["model_uri"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dest(flags: tuple[str, ...]) -> str:
-    return flags[0].lstrip("-").replace("-", "_")
+def _dest(flags: tuple[str, ...], kwargs: dict) -> str:
+    return kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     stage = table.BY_NAME[ns.stage]
-    extra = {_dest(flags): getattr(ns, _dest(flags)) for flags, _ in stage.args}
+    extra = {_dest(flags, kw): getattr(ns, _dest(flags, kw)) for flags, kw in stage.args}
     if stage.wants_params_path:
         extra["params_path"] = ns.params
     try:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         code, text = report(ns.stage, exc, ns.verbose)
         print(text, file=sys.stderr)
         return code
-    if result is not None:
+    if result is not None and not stage.prints:
         print(json.dumps(result, default=str, sort_keys=True))
     return 0
 

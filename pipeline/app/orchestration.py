@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -174,8 +175,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def freeze_run_config(cfg: Config, run_id: str, params: Mapping[str, Any] | None = None) -> Path:
-    """Write the run's resolved config to ``<run_dir>/run_config.json`` (first task)."""
+def freeze_run_config(
+    cfg: Config, run_id: str, params: Mapping[str, Any] | None = None, triggered_by: str | None = None
+) -> Path:
+    """Write the run's resolved config to ``<run_dir>/run_config.json`` (first task), with who
+    triggered the run (Airflow's ``dag_run.triggering_user_name``; lineage records it)."""
     target = Path(cfg.paths.work_dir) / RUN_CONFIG_FILE
     _write_json_atomic(
         target,
@@ -186,8 +190,17 @@ def freeze_run_config(cfg: Config, run_id: str, params: Mapping[str, Any] | None
             "config_digest": cfg.digest(),
             "config": cfg.to_dict(),
             "git_commit": os.environ.get("SKIN_TWIN_GIT_COMMIT"),
+            "triggered_by": triggered_by,
         },
     )
+    return target
+
+
+def record_task(layout: Layout, task: str, facts: Mapping[str, Any]) -> Path:
+    """``<run_dir>/reports/tasks/<task>.json``: where and how a task ran (host, worker, queue, try)."""
+    target = layout.reports_dir / "tasks" / f"{task}.json"
+    _write_json_atomic(target, {"task": task, "host": socket.gethostname(), "worker": os.environ.get(WORKER_ENV),
+                                **{k: v for k, v in facts.items() if v is not None}})  # fmt: skip
     return target
 
 
@@ -264,11 +277,14 @@ def run_stage(
     params: Mapping[str, Any] | None = None,
     *,
     trigger_extras: list[Mapping[str, Any]] | None = None,
+    task_facts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one DAG task's stage(s) for ``run_id``; return a small JSON-able summary for XCom.
 
     ``ingest`` (the first task) builds the run config from the params file and the run's params,
-    creates the run folder and freezes the config there; the other tasks read the frozen config.
+    creates the run folder and freezes the config there (with ``task_facts["triggered_by"]``); the
+    other tasks read the frozen config. Every task records where it ran (:func:`record_task`:
+    host, worker, ``task_facts`` such as the queue and try number) for the lineage.
     Deterministic failures raise ``AirflowFailException`` (no retry), others propagate (retried).
     """
     first = task == TASKS[0]
@@ -278,8 +294,10 @@ def run_stage(
         raise _fail_fast(task, exc) from exc
     layout = Layout.from_config(cfg)
     layout.work_dir.mkdir(parents=True, exist_ok=True)
+    facts = dict(task_facts or {})
     if first:
-        freeze_run_config(cfg, run_id, params)
+        freeze_run_config(cfg, run_id, params, triggered_by=facts.get("triggered_by"))
+    record_task(layout, task, {k: v for k, v in facts.items() if k != "triggered_by"})
     log.info("task %s of run %s in %s (config %s)", task, run_id, layout.work_dir, cfg.digest()[:12])
 
     results: dict[str, Any] = {}

@@ -16,7 +16,8 @@ One :class:`Stage` per ``python -m pipeline <name>`` command:
   after the champion gate, with the decision in its extras);
 * ``dvc_stage`` -- the DVC stage it belongs to when several commands share outputs (``publish`` =
   ``track`` + ``register``, which both write the tracking record);
-* ``pipeline=False`` -- a tool command (``predict``, ``lineage``, ``dvc-yaml``): CLI only.
+* ``pipeline=False`` -- a tool command (``predict``, ``lineage``, ``dvc-yaml``): CLI only;
+  ``prints=True`` -- it prints its own output (``lineage``), so the CLI adds no JSON summary line.
 
 Code dependencies are not listed: :mod:`pipeline.app.dvcgen` derives them from the target module's
 imports. This module stays import-light (the DAG imports it at parse time).
@@ -63,6 +64,7 @@ class Stage:
     pipeline: bool = True
     args: tuple[ArgSpec, ...] = field(default_factory=tuple)
     wants_params_path: bool = False  # the CLI passes params_path=<the --params file>
+    prints: bool = False  # the stage prints its own output; the CLI does not print its summary
 
     def load(self) -> Callable[..., Any]:
         module, _, func = self.target.partition(":")
@@ -156,7 +158,12 @@ STAGES: tuple[Stage, ...] = (
         "lineage", "pipeline.stages.lineage:run_lineage",
         "Print the lineage chain of a registered model version.",
         pipeline=False,
-        args=((("--model",), {"required": True, "help": "models:/NAME@ALIAS or models:/NAME/VERSION"}),),
+        args=(
+            (("--model",), {"required": True, "help": "models:/NAME@ALIAS or models:/NAME/VERSION"}),
+            (("--json",), {"action": "store_true", "dest": "json_output", "help": "print the chain as JSON"}),
+            (("--verify",), {"action": "store_true", "help": "re-compute digests from MLflow; exit 1 on a mismatch"}),
+        ),
+        prints=True,
     ),
     Stage(
         "dvc-yaml", "pipeline.app.dvcgen:run_dvc_yaml",

@@ -11,6 +11,9 @@ scikit-learn computes every number; this wrapper fixes the conventions the proje
 * Undefined precision (class never predicted) and recall (class absent) are 0.0
   (``zero_division=0``); ``support_<cls>`` tells them apart.
 * Predictions are ``argmax(probs)`` (ties -> lowest class index).
+* ``ece`` is the expected calibration error of the top-label confidence over
+  :data:`ECE_BINS` equal-width bins: ``sum_b n_b / N * |accuracy_b - mean confidence_b|``
+  (Guo et al. 2017); 0 is perfectly calibrated.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 from sklearn import metrics as skm
 
 from pipeline.labels import CLASSES
+
+ECE_BINS = 15  # the usual choice (Guo et al. 2017); a reporting convention, not a knob
 
 
 def _check(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +58,24 @@ def confusion_matrix(y_true: np.ndarray | Sequence[int], y_pred: np.ndarray | Se
     return skm.confusion_matrix(t, p, labels=np.arange(n)).astype(np.int64)
 
 
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error over ``bins`` equal-width confidence bins."""
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != y.shape[0] or y.size == 0:
+        raise ValueError(f"probs must be (N, C) with N = {y.shape[0]} > 0, got shape {p.shape}")
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(total)
+
+
 def _auc(pos: np.ndarray, score: np.ndarray) -> float:
     if pos.all() or not pos.any():
         return float("nan")
@@ -60,7 +83,7 @@ def _auc(pos: np.ndarray, score: np.ndarray) -> float:
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
-    """Flat metric dict: ``accuracy``, ``balanced_accuracy``, ``macro_auc``, ``macro_f1`` and
+    """Flat metric dict: ``accuracy``, ``balanced_accuracy``, ``macro_auc``, ``macro_f1``, ``ece`` and
     ``precision_/recall_/f1_/auc_/support_<cls>`` per class. Values are floats (support: int)."""
     classes = list(classes)
     n = len(classes)
@@ -79,6 +102,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         "balanced_accuracy": float(recall[present].mean()),
         "macro_auc": float(aucs[valid_auc].mean()) if valid_auc.any() else float("nan"),
         "macro_f1": float(f1[present].mean()),
+        "ece": expected_calibration_error(y, p),
     }
     for c, name in enumerate(classes):
         out[f"precision_{name}"] = float(precision[c])

@@ -110,15 +110,28 @@ def build_report(
     validation: Mapping[str, Any],
     pairs_summary: Any,
     tags: Mapping[str, str],
+    gate: Mapping[str, Any] | None = None,
+    card: str | None = None,
 ) -> str:
     """The one-page HTML run report: everything is passed in; PNG images (title -> bytes, None
-    for a missing one) are inlined as base64."""
+    for a missing one) are inlined as base64. ``track`` writes it; ``register`` writes it again
+    with the gate decision (``gate``: the register summary) and the model card."""
     headline = {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auc") if k in metrics}
     meta = {k: metrics[k] for k in META_METRICS if k in metrics}
     per_class = {k: v for k, v in metrics.items() if k not in headline and k not in meta}
     status = validation.get("success")
     badge = {True: ("passed", "#1a7f37"), False: ("FAILED", "#cf222e")}.get(status, ("unknown", "#6e7781"))
     figures = "".join(_img_tag(png, name) for name, png in images.items() if png)
+    if gate:
+        gate_html = (
+            f"<h2>Registry</h2><p>Model <b>{html.escape(str(gate.get('model_name')))}</b> version "
+            f"<b>{html.escape(str(gate.get('version')))}</b> &middot; gate decision "
+            f"<b>{html.escape(str(gate.get('decision')))}</b> &middot; champion is version "
+            f"{html.escape(str(gate.get('champion_version')))}</p><p>{html.escape(str(gate.get('reason')))}</p>"
+        )
+    else:
+        gate_html = "<h2>Registry</h2><p>not registered yet (the register stage adds the gate decision here)</p>"
+    card_html = f"<h2>Model card</h2><pre class=\"card\">{html.escape(card)}</pre>" if card else ""
     pairs_html = (
         f"<pre>{html.escape(json.dumps(pairs_summary, indent=2, sort_keys=True, default=str))}</pre>"
         if pairs_summary is not None
@@ -131,7 +144,7 @@ body{{font-family:system-ui,sans-serif;margin:1.5rem;max-width:1200px;color:#1f2
 table{{border-collapse:collapse;margin:.5rem 0 1rem}} th,td{{border:1px solid #d0d7de;padding:.2rem .6rem;text-align:left;font-size:.85rem}}
 th{{background:#f6f8fa}} figure{{display:inline-block;margin:.5rem;vertical-align:top}} img{{max-width:560px}}
 figcaption{{font-size:.8rem;color:#57606a}} .badge{{color:#fff;padding:.1rem .5rem;border-radius:.4rem}}
-.cols{{display:flex;gap:2rem;flex-wrap:wrap}} pre{{background:#f6f8fa;padding:.5rem;font-size:.8rem}}
+.cols{{display:flex;gap:2rem;flex-wrap:wrap}} pre{{background:#f6f8fa;padding:.5rem;font-size:.8rem;white-space:pre-wrap}}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>MLflow run <code>{html.escape(run_id)}</code> &middot; validation
@@ -139,8 +152,10 @@ figcaption{{font-size:.8rem;color:#57606a}} .badge{{color:#fff;padding:.1rem .5r
 (result sha256 <code>{html.escape(str(validation.get("digest")))}</code>)</p>
 <div class="cols"><div><h2>Test metrics</h2>{_table(headline)}<h3>Model</h3>{_table(meta)}</div>
 <div><h2>Per class</h2>{_table(per_class)}</div></div>
+{gate_html}
 <h2>Plots</h2>{figures or "<p>no plots</p>"}
 <h2>Pair manifest</h2>{pairs_html}
 <h2>Lineage</h2>{_table(dict(sorted(tags.items())))}
+{card_html}
 </body></html>
 """

@@ -7,6 +7,7 @@ is the one place that opens image files for it, so training, evaluation and pred
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,16 @@ from pipeline.core.imaging import resize_square, to_rgb
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path | io.BytesIO) -> Image.Image:
     """Decode an image file fully and return it as RGB. Raises ``OSError``/``ValueError`` if unreadable."""
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The bytes of an image file, decoded fully to RGB (the same path as :func:`load_rgb`)."""
+    return load_rgb(io.BytesIO(data))
 
 
 def load_resized(path: str | Path, size: int) -> np.ndarray:

@@ -166,3 +166,18 @@ def ensure_experiment(client: Any, cfg: Config, uri: str | None = None) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def manifest_source(tracking_uri: str, artifact_uri: str, run_id: str, artifact_path: str) -> tuple[Any, str]:
+    """The MLflow dataset source of a manifest logged as a run artifact, and its address: the
+    file on a local artifact store, else the tracking server's download URL of that artifact."""
+    from urllib.parse import quote
+
+    if artifact_uri.startswith("file:"):
+        uri = f"{artifact_uri.rstrip('/')}/{artifact_path}"
+        return uri, uri  # MLflow resolves a file:// string to its local artifact source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    base = tracking_uri.rstrip("/") if urlsplit(tracking_uri).scheme in ("http", "https") else artifact_uri
+    url = f"{base}/get-artifact?path={quote(artifact_path)}&run_uuid={run_id}"
+    return HTTPDatasetSource(url=url), url

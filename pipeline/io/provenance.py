@@ -10,7 +10,16 @@ Sources of each link:
 * **data**: per split, the content digest :func:`pipeline.core.lineage.content_digest` = sha256 over
   the sorted ``(sha256, label)`` rows (the images' bytes and their labels; independent of file
   names, row order and paths).
-* **DVC**: the md5 of every stage output in ``dvc.lock`` (project root), when present.
+* **DVC**: the md5 of every stage output in ``dvc.lock`` -- only when the run really is a
+  ``dvc repro`` of that lock (``DVC_STAGE``/``DVC_ROOT`` are set by DVC for its stage commands);
+  an Airflow run or a plain CLI run records none, never a stale lock that happens to lie in the
+  checkout.
+* **who / where**: the triggering user (Airflow's ``dag_run.triggering_user_name``, frozen in
+  ``run_config.json`` by the first task; the OS user for CLI runs), the host, worker and queue of
+  each Airflow task (``reports/tasks/<task>.json``, written by the orchestrator), the host and
+  device of training (``models/train/best.json``).
+* **environment**: sha256 of ``requirements.lock``, Python and platform, and the installed package
+  list (:func:`installed_packages`, logged as an artifact).
 * **validation / pairs**: success flag and sha256 of ``reports/validation/result.json``; sha256 of
   ``reports/pairs_summary.json`` (and of ``data/pairs.parquet``).
 * **Airflow**: ``AIRFLOW_CTX_DAG_ID``, ``AIRFLOW_CTX_DAG_RUN_ID``, ``AIRFLOW_CTX_TRY_NUMBER`` (set by
@@ -19,8 +28,12 @@ Sources of each link:
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import importlib.metadata
 import logging
 import os
+import platform
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +48,7 @@ from pipeline.core.schema import SPLITS
 from pipeline.errors import PipelineError
 from pipeline.io.digests import file_sha256, path_sha256
 from pipeline.io.files import read_json
+from pipeline.io.readers import data_root
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -119,6 +133,9 @@ def validation_result(layout: Layout) -> dict[str, Any]:
     return {"success": success, "digest": file_sha256(path), "path": str(path) if path.is_file() else None}
 
 
+MANIFEST_COLUMNS_LOGGED: tuple[str, ...] = ("image_id", "path", "label", "group_id", "sha256")
+
+
 def split_manifest(layout: Layout) -> tuple[pd.DataFrame, Path]:
     """The manifest with per-image sha256 and split: validated.parquet, else manifest.parquet."""
     for path in (layout.validated_manifest, layout.manifest):
@@ -132,23 +149,74 @@ def split_manifest(layout: Layout) -> tuple[pd.DataFrame, Path]:
 
 
 def split_datasets(layout: Layout) -> dict[str, dict[str, Any]]:
-    """Per split: the rows, their content digest, the source manifest path."""
-    df, path = split_manifest(layout)
+    """Per split: the manifest rows (``image_id, path`` -- relative to the data root --, ``label,
+    group_id, sha256``), their content digest (:func:`~pipeline.core.lineage.content_digest`, the same
+    for DVC and Airflow runs) and the number of rows."""
+    df, _ = split_manifest(layout)
     out: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         part = df[df["split"].astype(str) == split].reset_index(drop=True)
         if part.empty:
             continue
-        digest = content_digest(part)
-        out[split] = {
-            "df": part,
-            "digest": digest,
-            # MLflow caps dataset digests at 36 characters: the first 32 hex digits (128 bits).
-            "dataset_digest": digest[:DATASET_DIGEST_CHARS],
-            "source": path.resolve().as_uri(),
-            "rows": len(part),
-        }
+        cols = [c for c in MANIFEST_COLUMNS_LOGGED if c in part.columns]
+        out[split] = {"df": part[cols].astype(str), "digest": content_digest(part), "rows": len(part)}
     return out
+
+
+def dataset_digest(content: str, source: str) -> str:
+    """The MLflow dataset digest: content *and* where the run's manifest is, so a dataset entity is
+    reused only for the same rows from the same place (MLflow keeps the first source it saw)."""
+    return hashlib.sha256(f"{content}\0{source}".encode()).hexdigest()[:DATASET_DIGEST_CHARS]
+
+
+def dvc_context() -> dict[str, str] | None:
+    """``{"stage", "root", "lock"}`` when this process is a stage command of ``dvc repro``, else None."""
+    stage, root = os.environ.get("DVC_STAGE"), os.environ.get("DVC_ROOT")
+    if not stage or not root:
+        return None
+    return {"stage": stage, "root": root, "lock": str(Path(root) / "dvc.lock")}
+
+
+def triggered_by(layout: Layout) -> dict[str, str]:
+    """Who started this pipeline run: the Airflow user frozen in ``run_config.json``, else the OS user."""
+    frozen = read_json(layout.work_dir / "run_config.json")
+    if isinstance(frozen, Mapping) and frozen.get("triggered_by"):
+        return {"user": str(frozen["triggered_by"]), "via": "airflow"}
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {"user": user, "via": "cli"}
+
+
+def task_facts(layout: Layout) -> dict[str, dict[str, Any]]:
+    """``reports/tasks/<task>.json`` of an Airflow run: host, worker, queue, try of each task."""
+    folder = layout.reports_dir / "tasks"
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        data = read_json(f)
+        if isinstance(data, Mapping):
+            out[f.stem] = dict(data)
+    return out
+
+
+def installed_packages() -> list[str]:
+    """``name==version`` of every installed distribution, sorted (the exact environment)."""
+    seen: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata.get("Name")
+        if name:
+            seen.setdefault(name.lower(), f"{name}=={dist.version}")
+    return [seen[k] for k in sorted(seen)]
+
+
+def environment_facts(project_root: Path) -> dict[str, str | None]:
+    return {
+        "requirements_lock_sha256": file_sha256(project_root / "requirements.lock"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": platform.node(),
+    }
 
 
 def lineage_tags(
@@ -159,9 +227,10 @@ def lineage_tags(
     project_root: str | Path | None = None,
 ) -> dict[str, str]:
     """Every lineage fact of this pipeline run as MLflow tags (string values; unknowns left out)."""
-    project_root = PROJECT_ROOT if project_root is None else project_root
+    project_root = Path(PROJECT_ROOT if project_root is None else project_root)
     layout = Layout.from_config(cfg)
     git = git_info(project_root)
+    who = triggered_by(layout)
     tags: dict[str, Any] = {
         f"{TAG}git_commit": git["commit"],
         f"{TAG}git_dirty": git["dirty"],
@@ -170,7 +239,14 @@ def lineage_tags(
         f"{TAG}version": pipeline.__version__,
         f"{TAG}work_dir": str(layout.work_dir.resolve()),
         f"{TAG}export_digest": path_sha256(layout.export_dir),
+        f"{TAG}export.weights_sha256": file_sha256(layout.export_dir / "weights.pt"),
+        f"{TAG}data_source": cfg.data.source,
+        f"{TAG}data_root": str(data_root(cfg)),
+        f"{TAG}triggered_by": who["user"],
+        f"{TAG}triggered_via": who["via"],
     }
+    for key, value in environment_facts(project_root).items():
+        tags[f"{TAG}env.{key}"] = value
     if git["commit"] != "unknown":
         tags["mlflow.source.git.commit"] = git["commit"]
     for split, info in (datasets or {}).items():
@@ -181,11 +257,21 @@ def lineage_tags(
     tags[f"{TAG}validation.digest"] = val["digest"]
     tags[f"{TAG}pairs.summary_digest"] = file_sha256(layout.pairs_summary)
     tags[f"{TAG}pairs.manifest_digest"] = file_sha256(layout.pairs)
-    lock_path = Path(project_root) / "dvc.lock"
-    tags[f"{TAG}dvc.lock_digest"] = file_sha256(lock_path)
-    for key, value in dvc_lock_hashes(lock_path).items():
-        stage, _, out = key.partition(":")
-        tags[f"{TAG}dvc.{stage}.{out}"] = value
+    best = read_json(layout.train_dir / "best.json")
+    if isinstance(best, Mapping):
+        for key in ("host", "device", "world_size"):
+            tags[f"{TAG}train.{key}"] = best.get(key)
+    dvc = dvc_context()
+    if dvc is not None:  # a dvc repro of this very lock: its hashes are this run's
+        lock_path = Path(dvc["lock"])
+        tags[f"{TAG}dvc.lock_digest"] = file_sha256(lock_path)
+        tags[f"{TAG}dvc.stage"] = dvc["stage"]
+        for key, value in dvc_lock_hashes(lock_path).items():
+            stage, _, out = key.partition(":")
+            tags[f"{TAG}dvc.{stage}.{out}"] = value
     for key, value in (airflow or {}).items():
         tags[f"{TAG}airflow.{key}"] = value
+    for task, facts in task_facts(layout).items():
+        for key in ("host", "worker", "queue", "try_number"):
+            tags[f"{TAG}airflow.task.{task}.{key}"] = facts.get(key)
     return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in tags.items() if v not in (None, "")}

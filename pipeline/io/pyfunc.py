@@ -1,10 +1,10 @@
 """The MLflow model of skin-twin: one model folder with two flavours.
 
 ``python_function`` (this module is its ``loader_module``)
-    Takes **images** (uint8 ``HxWx3`` arrays of any size: an ``(N, H, W, 3)`` array, a single
-    ``(H, W, 3)`` array, a list of arrays, or a DataFrame whose ``image`` column (or only column)
-    holds arrays / nested lists) and returns a DataFrame of the seven class probabilities, one
-    column per class in :data:`pipeline.labels.CLASSES` order. Preprocessing is the project's
+    Takes **image files**: a DataFrame whose ``image`` column holds the bytes of encoded images
+    (JPEG, PNG, ... any size or mode; the signature's input schema, enforced by MLflow, and what a
+    serving request sends base64-encoded) and returns a DataFrame of the seven class
+    probabilities, one column per class in :data:`pipeline.labels.CLASSES` order. Preprocessing is the project's
     own (:func:`pipeline.core.inference.predict_proba`: RGB, square resize to the model size,
     normalisation), so it predicts exactly what the exported model folder predicts. The export
     folder (``weights.pt``, ``config.json``, ``model.ts``) travels inside the MLflow model under
@@ -22,6 +22,7 @@ and can be registered as one model version that loads with either flavour.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import logging
 import shutil
@@ -32,8 +33,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pipeline.core.inference import predict_proba
+from pipeline.io.images import decode_image
 from pipeline.io.modelstore import load_exported
 from pipeline.labels import CLASSES
 
@@ -65,43 +68,21 @@ def pip_requirements() -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_image(x: Any, i: int) -> np.ndarray:
-    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if arr.dtype != np.uint8:
-        if arr.dtype.kind in "iuf" and arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(f"image {i}: pixel values outside 0..255")
-        if arr.dtype.kind not in "iuf":
-            raise ValueError(f"image {i}: expected numeric pixels, got {arr.dtype}")
-        arr = arr.astype(np.uint8)
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image {i}: expected an HxWx3 array, got shape {arr.shape}")
-    return arr
-
-
-def to_images(model_input: Any) -> list[np.ndarray]:
-    """Any supported batch -> list of uint8 HxWxC arrays (pure). Raises ``ValueError``."""
-    if isinstance(model_input, pd.DataFrame):
-        col = "image" if "image" in model_input.columns else None
-        if col is None:
-            if model_input.shape[1] != 1:
-                raise ValueError(f"DataFrame input needs an 'image' column, got {list(model_input.columns)}")
-            col = model_input.columns[0]
-        return [_as_image(v, i) for i, v in enumerate(model_input[col].tolist())]
-    if isinstance(model_input, dict):
-        if "image" not in model_input:
-            raise ValueError(f"dict input needs an 'image' key, got {sorted(model_input)}")
-        return to_images(model_input["image"])
-    if isinstance(model_input, np.ndarray):
-        if model_input.dtype == object:
-            return [_as_image(v, i) for i, v in enumerate(model_input)]
-        if model_input.ndim == 4:
-            return [_as_image(v, i) for i, v in enumerate(model_input)]
-        if model_input.ndim == 3:
-            return [_as_image(model_input, 0)]
-        raise ValueError(f"expected (N, H, W, 3) or (H, W, 3) pixels, got shape {model_input.shape}")
-    if isinstance(model_input, (list, tuple)):
-        return [_as_image(v, i) for i, v in enumerate(model_input)]
-    raise ValueError(f"unsupported input type {type(model_input).__name__}")
+def to_images(model_input: Any) -> list[Image.Image]:
+    """The model input -- a DataFrame whose ``image`` column holds encoded image files (bytes: JPEG,
+    PNG, ... of any size and mode) -- as decoded RGB images. Raises ``ValueError`` naming the row."""
+    if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+        got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+        raise ValueError(f"expected a DataFrame with an 'image' column of encoded image bytes, got {got}")
+    out = []
+    for i, value in enumerate(model_input["image"].tolist()):
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"row {i}: expected the bytes of an image file, got {type(value).__name__}")
+        try:
+            out.append(decode_image(bytes(value)))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"row {i}: not a readable image ({exc})") from None
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,22 +121,28 @@ def _load_pyfunc(data_path: str) -> SkinTwinClassifier:
 
 
 def signature(image_size: int):  # noqa: ARG001 - images of any size are accepted
-    """Output schema: one probability column per class.
-
-    No *input* schema on purpose: MLflow's tensor-schema enforcement accepts only one
-    same-sized ``ndarray`` batch and would refuse lists of differently sized images, a single
-    ``HxWx3`` image or a DataFrame of images, which :func:`to_images` all handle (and checks).
-    The input example (a uint8 ``(2, S, S, 3)`` batch) documents the format.
-    """
+    """Input: a column ``image`` of encoded image files (``binary``: the bytes of a JPEG, PNG, ...
+    of any size -- base64 in a serving request's ``dataframe_split``); output: one probability
+    column per class. MLflow enforces it on every ``predict``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(inputs=None, outputs=Schema([ColSpec("double", c) for c in CLASSES]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]), outputs=Schema([ColSpec("double", c) for c in CLASSES])
+    )
 
 
-def input_example(image_size: int, n: int = 2, seed: int = 0) -> np.ndarray:
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def input_example(image_size: int, n: int = 2, seed: int = 0) -> pd.DataFrame:
+    """Two random RGB images of the model's size, PNG-encoded, in the input schema's shape."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+    return pd.DataFrame({"image": [encode_png(a) for a in images]})
 
 
 def _export_pt2(export_dir: Path, target: Path) -> None:

@@ -21,8 +21,10 @@ the stage began, then re-raises; a newly registered version may remain, tagged
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,19 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.gate import gate_decision, manifest_digest
+from pipeline.core.lineage import GATE_INDEX, TAG
+from pipeline.core.model_card import description, model_card
 from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.io import scoring
-from pipeline.io.files import read_json_object, write_json
+from pipeline.io.digests import file_sha256
+from pipeline.io.files import read_json_object, write_json, write_text
 from pipeline.io.locks import gate_lock
 from pipeline.io.manifests import read_parquet, split_rows
 from pipeline.io.mlflow_service import client_for, redact, resolve_tracking_uri
 from pipeline.io.modelstore import load_exported
+from pipeline.io.provenance import split_manifest
+from pipeline.io.readers import SOURCES, data_root
 from pipeline.io.registry import (
     CHALLENGER,
     CHAMPION,
@@ -46,6 +53,7 @@ from pipeline.io.registry import (
     get_aliases,
     restore_aliases,
 )
+from pipeline.io.reports import render_run_report
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,7 @@ def run_register(cfg: Config) -> dict[str, Any]:
     # holds across processes and hosts, so concurrent registers end with one consistent champion.
     with gate_lock(cfg, uri) as lock:
         summary = _gate(client, cfg, record, layout, test, lock)
+    summary["model_card"] = publish_card(client, cfg, record, layout, summary)
     write_json(layout.tracking_record, {**record, "registry": summary})
     log.info("registered %s v%s: %s (%s)", summary["model_name"], summary["version"], summary["decision"],
              summary["reason"])
@@ -172,3 +181,54 @@ def _gate(client: Any, cfg: Config, record: dict[str, Any], layout: Layout, test
         "aliases": after,
         "lock": lock,
     }
+
+
+def _data_summary(cfg: Config, layout: Layout) -> dict[str, Any]:
+    df, _ = split_manifest(layout)
+    counts = {
+        split: {c: int(n) for c, n in part["label"].astype(str).value_counts().sort_index().items()}
+        for split, part in df.groupby(df["split"].astype(str))
+    }
+    spec = SOURCES.get(cfg.data.source)
+    return {"source": cfg.data.source, "root": str(data_root(cfg)), "synthetic": bool(spec and spec.generated),
+            "counts": counts}  # fmt: skip
+
+
+def publish_card(client: Any, cfg: Config, record: dict[str, Any], layout: Layout, summary: dict[str, Any]) -> str:
+    """The model card of the new version: run artifact ``model_card.md``, the version's description
+    (what the registry page shows), and -- with the gate decision -- the rewritten run report. Both
+    files' digests go to ``lineage/gate_artifacts.json`` (``lineage --verify`` checks them)."""
+    run_id, name, version = record["run_id"], summary["model_name"], summary["version"]
+    tags = dict(client.get_run(run_id).data.tags)
+    card = model_card(
+        name=name,
+        version=version,
+        run_id=run_id,
+        metrics=read_json_object(layout.metrics),
+        export=read_json_object(layout.export_dir / "config.json"),
+        data=_data_summary(cfg, layout),
+        gate={**summary, "margin": cfg.registry.margin, "floor": cfg.registry.floor,
+              "champion_version": summary.get("previous_champion_version") or "none"},  # fmt: skip
+        lineage={
+            "commit": tags.get(f"{TAG}git_commit"),
+            "params_digest": tags.get(f"{TAG}params_digest"),
+            "data_digests": {s: tags[f"{TAG}data_digest.{s}"] for s in ("train", "val", "test")
+                             if f"{TAG}data_digest.{s}" in tags},  # fmt: skip
+        },
+    )
+    card_path = layout.reports_dir / "model_card.md"
+    write_text(card_path, card)
+    report_path = layout.reports_dir / "run_report.html"
+    write_text(report_path, render_run_report(layout, run_id, tags, gate=summary, card=card))
+    client.log_artifact(run_id, str(card_path))
+    client.log_artifact(run_id, str(report_path))
+    index = {card_path.name: file_sha256(card_path), report_path.name: file_sha256(report_path)}
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / Path(GATE_INDEX).name
+        target.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        client.log_artifact(run_id, str(target), str(Path(GATE_INDEX).parent))
+        client.set_tag(run_id, f"{TAG}gate_artifacts_digest", file_sha256(target))
+    link = f"runs:/{run_id}/{card_path.name}"
+    client.update_model_version(name, version, description=description(card, link))
+    client.set_model_version_tag(name, version, f"{TAG}model_card", link)
+    return link

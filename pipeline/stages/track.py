@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 import warnings
@@ -45,23 +46,19 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.core.lineage import SPLIT_CONTEXT
-from pipeline.core.plots import history_png
-from pipeline.core.run_record import build_report, final_metrics, history_metrics, params_of
+from pipeline.core.lineage import ARTIFACT_INDEX, MANIFESTS, SPLIT_CONTEXT
+from pipeline.core.run_record import final_metrics, history_metrics, params_of
 from pipeline.errors import PipelineError
 from pipeline.io import provenance, pyfunc
-from pipeline.io.digests import path_sha256
-from pipeline.io.files import read_json, read_json_object, write_json, write_text
-from pipeline.io.mlflow_service import client_for, ensure_experiment, redact, resolve_tracking_uri
+from pipeline.io.digests import file_sha256, path_sha256
+from pipeline.io.files import read_json_object, write_json, write_text
+from pipeline.io.mlflow_service import client_for, ensure_experiment, manifest_source, redact, resolve_tracking_uri
+from pipeline.io.reports import render_run_report, training_curves
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # name of the LoggedModel inside the run
-
-
-def read_bytes(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
 
 
 
@@ -131,7 +128,8 @@ def run_track(
             name = f"{layout.work_dir.resolve().name}-{digest[:8]}"
             if airflow.get("dag_run_id"):
                 name = f"{airflow.get('dag_id', 'dag')}-{airflow['dag_run_id']}"
-            run_id = client.create_run(experiment_id, run_name=name[:250]).info.run_id
+            user = provenance.triggered_by(layout)["user"]  # the MLflow run's user: who triggered it
+            run_id = client.create_run(experiment_id, run_name=name[:250], tags={"mlflow.user": user}).info.run_id
         existing = client.get_run(run_id)
         have_metrics = set(existing.data.metrics)
         have_inputs = {
@@ -145,7 +143,20 @@ def run_track(
     history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
     export_digest = path_sha256(layout.export_dir)
 
-    with mlflow.start_run(run_id=run_id):
+    logged: dict[str, str] = {}  # artifact path -> sha256 of what was logged (lineage/artifacts.json)
+
+    def log_file(path: Path, dest: str | None = None) -> None:
+        client.log_artifact(run_id, str(path), dest)
+        logged[f"{dest}/{path.name}" if dest else path.name] = file_sha256(path)
+
+    def log_folder(folder: Path, dest: str) -> None:
+        client.log_artifacts(run_id, str(folder), dest)
+        for f in sorted(q for q in folder.rglob("*") if q.is_file()):
+            logged[f"{dest}/{f.relative_to(folder).as_posix()}"] = file_sha256(f)
+
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
+        scratchd = Path(scratch)
         # params
         with _timed(timings, "params"):
             params = [Param(k, v) for k, v in params_of(cfg, MAX_PARAM_VAL_LENGTH).items()]
@@ -153,22 +164,33 @@ def run_track(
                 for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
                     client.log_batch(run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
-        # datasets + lineage tags
+        # datasets: each split's manifest is an artifact of this run and the source of its dataset
         with _timed(timings, "datasets"):
             splits = provenance.split_datasets(layout)
+            manifests = scratchd / "manifests"
+            manifests.mkdir()
+            for split, info in splits.items():
+                info["df"].to_csv(manifests / f"{split}.csv", index=False)
+                info["manifest_sha256"] = file_sha256(manifests / f"{split}.csv")
+            log_folder(manifests, MANIFESTS)
             for split, info in splits.items():
                 context = SPLIT_CONTEXT[split]
+                source, info["source"] = manifest_source(uri, artifact_uri, run_id, f"{MANIFESTS}/{split}.csv")
+                info["dataset_digest"] = provenance.dataset_digest(info["digest"], info["source"])
                 if (split, info["dataset_digest"], context) in have_inputs:
                     continue
-                with warnings.catch_warnings():  # schema hints about int columns, source ambiguity
+                with warnings.catch_warnings():  # schema hints about int columns
                     warnings.simplefilter("ignore", UserWarning)
                     ds = mlflow.data.from_pandas(
-                        info["df"], source=info["source"], name=split, digest=info["dataset_digest"], targets="label"
+                        info["df"], source=source, name=split, digest=info["dataset_digest"], targets="label"
                     )
                     mlflow.log_input(ds, context=context)
         with _timed(timings, "tags"):
             tags = provenance.lineage_tags(cfg, datasets=splits, airflow=airflow)
             tags["skin_twin.selected_branch"] = str(metrics_json.get("selected_branch", ""))
+            for split, info in splits.items():
+                tags[f"skin_twin.data_manifest_sha256.{split}"] = info["manifest_sha256"]
+                tags[f"skin_twin.data_source_uri.{split}"] = info["source"]
             tag_list = [RunTag(k, v[:8000]) for k, v in tags.items()]
             for i in range(0, len(tag_list), MAX_PARAMS_TAGS_PER_BATCH):
                 client.log_batch(run_id, tags=tag_list[i : i + MAX_PARAMS_TAGS_PER_BATCH])
@@ -185,44 +207,44 @@ def run_track(
                 client.log_batch(run_id, metrics=ms[i : i + 1000])
 
         # artifacts + report
-        with _timed(timings, "artifacts"), tempfile.TemporaryDirectory() as tmp:
-            tmpd = Path(tmp)
-            curves = tmpd / "training_curves.png"
-            curves_png = history_png(history)
+        with _timed(timings, "artifacts"):
+            curves = scratchd / "training_curves.png"
+            curves_png = training_curves(layout)
             if curves_png is not None:
                 curves.write_bytes(curves_png)
             for folder, dest in ((layout.plots_dir, "plots"), (layout.cam_dir, "cam"), (layout.validation_dir, "validation")):
                 if folder.is_dir():
-                    client.log_artifacts(run_id, str(folder), dest)
+                    log_folder(folder, dest)
             if curves.is_file():
-                client.log_artifact(run_id, str(curves), "plots")
+                log_file(curves, "plots")
+            env_dir = scratchd / "environment"
+            env_dir.mkdir()
+            (env_dir / "packages.txt").write_text("\n".join(provenance.installed_packages()) + "\n", encoding="utf-8")
+            lock = provenance.PROJECT_ROOT / "requirements.lock"
+            if lock.is_file():
+                shutil.copy2(lock, env_dir / "requirements.lock")
+            log_folder(env_dir, "environment")
+            dvc = provenance.dvc_context()
             for path, dest in (
                 (layout.pairs_summary, "pairs"),
                 (layout.metrics, "reports"),
                 (history_path, "train"),
                 (layout.train_dir / "best.json", "train"),
                 (layout.export_dir / "config.json", "export"),
-                (provenance.PROJECT_ROOT / "dvc.lock", "lineage"),
+                *([(Path(dvc["lock"]), "lineage")] if dvc else []),
+                *[(f, "airflow") for f in sorted((layout.reports_dir / "tasks").glob("*.json"))],
+                (layout.work_dir / "run_config.json", "airflow"),
             ):
                 if path.is_file():
-                    client.log_artifact(run_id, str(path), dest)
-            images = {
-                "confusion matrix": read_bytes(layout.plots_dir / "confusion_matrix.png"),
-                "ROC": read_bytes(layout.plots_dir / "roc.png"),
-                "training curves": curves_png,
-                "CAM samples": read_bytes(layout.cam_dir / "grid.png"),
-            }
-            report = build_report(
-                title=f"skin-twin run {layout.work_dir.resolve().name}",
-                run_id=run_id,
-                metrics=metrics_json,
-                images=images,
-                validation=provenance.validation_result(layout),
-                pairs_summary=read_json(layout.pairs_summary),
-                tags=tags,
-            )
+                    log_file(path, dest)
+            # what an auditor can re-check later (`lineage --verify`): every file logged and its digest
+            index = scratchd / Path(ARTIFACT_INDEX).name
+            index.write_text(json.dumps(logged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            client.log_artifact(run_id, str(index), str(Path(ARTIFACT_INDEX).parent))
+            client.set_tag(run_id, "skin_twin.artifacts_digest", file_sha256(index))
+            report = render_run_report(layout, run_id, tags)
             write_text(layout.reports_dir / "run_report.html", report)
-            client.log_artifact(run_id, str(layout.reports_dir / "run_report.html"))
+            client.log_artifact(run_id, str(layout.reports_dir / "run_report.html"))  # register rewrites it
 
         # model (two flavours in one LoggedModel)
         with _timed(timings, "model"):

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -361,7 +362,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         write_json(
             layout.train_dir / "best.json",
             {k: best[k] for k in ("epoch", "val_loss_branch1", "val_loss_branch2", "val_loss_discriminator", "val_loss_total")}
-            | {"params_train": params_train, "params_inference": params_inference},
+            | {"params_train": params_train, "params_inference": params_inference, "host": socket.gethostname(),
+               "device": ds.describe(), "world_size": dist.world},
         )
     return summary
 
