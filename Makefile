@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup run ui repro test test-fast bench clean stack-up stack-down stack-status
+.PHONY: setup browser run ui repro test test-fast bench clean stack-up stack-down stack-status
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -48,7 +48,14 @@ repro: setup  ## the same stages with DVC (data scientists' loop); dvc.yaml rege
 	$(BIN)/python -m pipeline dvc-yaml
 	$(BIN)/dvc repro
 
-test: setup  ## all test tiers
+# The browser tier (tests/test_audit.py) drives Debian's chromium headless; installed here when we
+# may (root with apt-get), otherwise those tests skip and say why.
+browser:  ## headless Chromium for the auditor's UI test (Debian package; needs root)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium not installed (needs root + apt-get): the browser tests will skip"; }
+
+test: setup browser  ## all test tiers
 	$(BIN)/python -m pytest -q
 
 test-fast: setup  ## unit and data-contract tests only

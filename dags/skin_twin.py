@@ -63,8 +63,7 @@ def _run(name: str) -> dict:
     trigger = orch.trigger_extras_from(ctx.get("triggering_asset_events"))
     dag_run, ti = ctx.get("dag_run"), ctx.get("ti")
     facts = {
-        # who started the run: the API / UI user, or the scheduler / an Asset event for scheduled runs
-        "triggered_by": getattr(dag_run, "triggering_user_name", None) or str(getattr(dag_run, "run_type", "")) or None,
+        "triggered_by": orch.triggering_user(dag_run),
         "queue": getattr(ti, "queue", None),
         "try_number": getattr(ti, "try_number", None),
     }

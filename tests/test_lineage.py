@@ -161,3 +161,17 @@ def test_dvc_hashes_only_for_a_dvc_repro_of_that_lock(tmp_path: Path, monkeypatc
     monkeypatch.setenv("DVC_STAGE", "publish")
     tags = provenance.lineage_tags(cfg)
     assert tags["skin_twin.dvc.train.models/train"] == "stale.dir" and tags["skin_twin.dvc.stage"] == "publish"
+
+
+def test_triggering_user_names_a_person_or_says_who_else() -> None:
+    import getpass
+    from types import SimpleNamespace as NS
+
+    from pipeline.app.orchestration import triggering_user
+
+    assert triggering_user(NS(triggering_user_name="auditor-ann", run_type="manual")) == "auditor-ann"
+    assert triggering_user(NS(triggering_user_name=None, run_type="dag_test")) == getpass.getuser()  # make run
+    assert triggering_user(NS(triggering_user_name=None, run_type=NS(value="scheduled"))) == "scheduler"
+    assert triggering_user(NS(triggering_user_name=None, run_type="asset_triggered")) == "asset-event"
+    assert triggering_user(NS(triggering_user_name=None, run_type="manual")) == "unknown (manual)"
+    assert triggering_user(None) is None

@@ -196,6 +196,26 @@ def freeze_run_config(
     return target
 
 
+def triggering_user(dag_run: Any) -> str | None:
+    """Who started an Airflow DAG run, for lineage: the UI / REST user (``triggering_user_name``);
+    for ``dag.test()`` (``make run``, in the caller's own process) the OS user running it; for
+    scheduled and Asset-triggered runs ``scheduler`` / ``asset-event`` (no person started them); a
+    manual run without a user name ``unknown (manual)``: the worker's OS user would be wrong."""
+    user = getattr(dag_run, "triggering_user_name", None)
+    if user:
+        return str(user)
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", "")) or "")
+    if run_type == "dag_test":
+        import getpass
+
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):
+            return None
+    named = {"scheduled": "scheduler", "asset_triggered": "asset-event", "backfill": "backfill"}
+    return named.get(run_type, f"unknown ({run_type})" if run_type else None)
+
+
 def record_task(layout: Layout, task: str, facts: Mapping[str, Any]) -> Path:
     """``<run_dir>/reports/tasks/<task>.json``: where and how a task ran (host, worker, queue, try)."""
     target = layout.reports_dir / "tasks" / f"{task}.json"
