@@ -170,7 +170,7 @@ def test_triggering_user_names_a_person_or_says_who_else() -> None:
     from pipeline.app.orchestration import triggering_user
 
     assert triggering_user(NS(triggering_user_name="auditor-ann", run_type="manual")) == "auditor-ann"
-    assert triggering_user(NS(triggering_user_name=None, run_type="dag_test")) == getpass.getuser()  # make run
+    assert triggering_user(NS(triggering_user_name="dag_test", run_type="manual")) == getpass.getuser()  # make run
     assert triggering_user(NS(triggering_user_name=None, run_type=NS(value="scheduled"))) == "scheduler"
     assert triggering_user(NS(triggering_user_name=None, run_type="asset_triggered")) == "asset-event"
     assert triggering_user(NS(triggering_user_name=None, run_type="manual")) == "unknown (manual)"

@@ -202,10 +202,10 @@ def triggering_user(dag_run: Any) -> str | None:
     scheduled and Asset-triggered runs ``scheduler`` / ``asset-event`` (no person started them); a
     manual run without a user name ``unknown (manual)``: the worker's OS user would be wrong."""
     user = getattr(dag_run, "triggering_user_name", None)
-    if user:
-        return str(user)
     run_type = str(getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", "")) or "")
-    if run_type == "dag_test":
+    if user and user != "dag_test":  # Airflow's dag.test() names its runs' user "dag_test"
+        return str(user)
+    if user == "dag_test" or run_type == "dag_test":
         import getpass
 
         try:
