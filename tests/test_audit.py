@@ -151,6 +151,13 @@ def test_report_and_model_card_render_in_the_mlflow_ui(audited: Any) -> None:
             page.screenshot(path=str(ARTIFACTS / "run_report.png"), full_page=True)
             page.locator("iframe").first.screenshot(path=str(ARTIFACTS / "run_report_frame.png"))
 
+            # the model card as a run artifact: picked in the same artifact viewer (not inside an iframe)
+            page.get_by_text("model_card.md", exact=True).first.click()
+            page.get_by_text("Intended use").first.wait_for(timeout=60000)
+            body = page.inner_text("body")
+            assert f"Model card: {reg['model_name']} version {reg['version']}" in body and "Promotion gate" in body
+            page.screenshot(path=str(ARTIFACTS / "model_card_artifact.png"), full_page=True)
+
             page.goto(f"{server.uri}/#/models/{reg['model_name']}/versions/{reg['version']}")
             page.get_by_text(f"Model card: {reg['model_name']} version {reg['version']}").wait_for(timeout=60000)
             body = page.inner_text("body")
@@ -160,4 +167,4 @@ def test_report_and_model_card_render_in_the_mlflow_ui(audited: Any) -> None:
             page.screenshot(path=str(ARTIFACTS / "model_version.png"), full_page=True)
         finally:
             browser.close()
-    assert all((ARTIFACTS / n).stat().st_size > 0 for n in ("run_report.png", "run_report_frame.png", "model_version.png"))
+    assert all((ARTIFACTS / n).stat().st_size > 0 for n in ("run_report.png", "run_report_frame.png", "model_card_artifact.png", "model_version.png"))
