@@ -249,9 +249,29 @@ class EvaluateConfig(_Section):
     cache_workers: int = Field(4, ge=1, le=256)
 
 
+class SelectConfig(_Section):
+    # Decision rule fitted on the validation split and stored in the export (config.json
+    # "decision"): balanced = per-class log-probability offsets maximising validation balanced
+    # accuracy (pipeline.core.decision); none = plain arg-max.
+    decision_rule: Literal["balanced", "none"] = "none"
+    # The offsets stay within [-offset_limit, offset_limit], searched in steps of offset_step.
+    offset_limit: float = Field(2.0, ge=0, le=10)
+    offset_step: float = Field(0.1, gt=0, le=1)
+    # Test-time augmentation recorded in the export (config.json "tta") and applied by predict,
+    # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views).
+    # The decision rule is fitted on the probabilities this produces.
+    tta: Literal["none", "flips"] = "none"
+    # Images per forward pass and decoding threads when scoring the val split for the rule.
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    cache_workers: int = Field(4, ge=1, le=256)
+
+
 class PredictConfig(_Section):
     # Images per forward pass in `predict` and the MLflow pyfunc model.
     batch_size: int = Field(64, ge=1, le=1_000_000)
+    # Label of the predict stage: rule = the export's decision rule (what the pyfunc, evaluate and
+    # the gate use; arg-max for exports without one) | argmax = plain arg-max of the probabilities.
+    decision: Literal["rule", "argmax"] = "rule"
 
 
 class CamConfig(_Section):
@@ -313,6 +333,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    select: SelectConfig = SelectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     predict: PredictConfig = PredictConfig()
     cam: CamConfig = CamConfig()
