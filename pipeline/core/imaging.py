@@ -77,12 +77,15 @@ def shades_of_gray(image: np.ndarray, power: float = 6.0) -> np.ndarray:
         raise ValueError(f"shades_of_gray expects a uint8 HxWx3 image, got {arr.dtype} {arr.shape}")
     if not power >= 1:
         raise ValueError(f"shades_of_gray power must be >= 1, got {power}")
-    x = arr.astype(np.float64) / 255.0
-    illum = np.power(np.mean(np.power(x, power), axis=(0, 1)), 1.0 / power)
+    # 256-entry lookup tables instead of per-pixel powers (uint8 has 256 values): ~10x faster
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    counts = np.stack([np.bincount(arr[:, :, c].reshape(-1), minlength=256) for c in range(3)])
+    illum = np.power(counts @ np.power(levels, power) / (arr.shape[0] * arr.shape[1]), 1.0 / power)
     if not np.all(illum > 0):
         return arr.copy()
     gain = illum.mean() / illum
-    return np.clip(np.rint(x * gain * 255.0), 0, 255).astype(np.uint8)
+    luts = np.clip(np.rint(levels[None, :] * gain[:, None] * 255.0), 0, 255).astype(np.uint8)
+    return np.stack([luts[c][arr[:, :, c]] for c in range(3)], axis=2)
 
 
 def shades_of_gray_chw(batch: np.ndarray, power: float = 6.0) -> np.ndarray:

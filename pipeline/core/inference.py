@@ -112,20 +112,21 @@ def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: in
     for i in range(0, batch_uint8.shape[0], batch_size):
         chunk = apply_preprocess(np.array(batch_uint8[i : i + batch_size]), exported.meta)
         x = to_model_input(torch.from_numpy(chunk).to(device))
-        p = None
-        for view in tta_views(x, mode):
-            logits = model(view.contiguous()).float()
-            bad = ~torch.isfinite(logits).all(dim=1)
-            if bool(bad.any()):
-                rows = (torch.nonzero(bad).flatten() + i).tolist()
-                raise PipelineError(
-                    f"the model produced non-finite outputs for {len(rows)} image(s) (rows {rows[:5]}); "
-                    "refusing to report garbage probabilities"
-                )
-            q = torch.softmax(logits.double(), dim=1)
-            p = q if p is None else p + q
-        assert p is not None
-        probs.append((p / (1 if mode == "none" else TTA_VIEWS)).cpu().numpy())
+        views = tta_views(x, mode)
+        n = x.shape[0]
+        # all views in one forward pass (TTA at batch 1 is one batch of 8, not 8 passes)
+        logits = model(views[0] if len(views) == 1 else torch.cat(views).contiguous()).float()
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bool(bad.any()):
+            rows = sorted({int(r) % n + i for r in torch.nonzero(bad).flatten()})
+            raise PipelineError(
+                f"the model produced non-finite outputs for {len(rows)} image(s) (rows {rows[:5]}); "
+                "refusing to report garbage probabilities"
+            )
+        p = torch.softmax(logits.double(), dim=1)
+        if len(views) > 1:
+            p = p.view(len(views), n, -1).mean(dim=0)
+        probs.append(p.cpu().numpy())
     if not probs:
         return np.zeros((0, int(exported.meta["num_classes"])), dtype=np.float64)
     p = np.concatenate(probs)
