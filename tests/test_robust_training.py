@@ -129,3 +129,24 @@ def test_ema_weights_are_validated_and_exported(tmp_path: Path) -> None:
         ema_state = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
         for k, v in best["model"].items():
             torch.testing.assert_close(v, ema_state[k])
+
+
+def test_resume_with_ema_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.stages.train import STOP_ENV, TrainingStopped, run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.ema_decay": 0.9}
+    full = make_work(tmp_path / "full")
+    run_train(tiny_cfg(tmp_path / "full", **extra))
+    killed = make_work(tmp_path / "killed")
+    cfg = tiny_cfg(tmp_path / "killed", **extra)
+    monkeypatch.setenv(STOP_ENV, "1")
+    with pytest.raises(TrainingStopped):
+        run_train(cfg)
+    monkeypatch.delenv(STOP_ENV)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(full.train_dir / name, map_location="cpu", weights_only=True)
+        b = torch.load(killed.train_dir / name, map_location="cpu", weights_only=True)
+        for key in ("model", "ema"):
+            if key in a:
+                assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
