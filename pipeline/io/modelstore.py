@@ -76,7 +76,7 @@ class DecisionMeta(BaseModel):
     offsets: list[float] | None = None
 
     @model_validator(mode="after")
-    def _offsets(self) -> "DecisionMeta":
+    def _offsets(self) -> DecisionMeta:
         if self.rule == "offsets":
             if self.offsets is None or len(self.offsets) != len(CLASSES):
                 raise ValueError(f"rule 'offsets' needs {len(CLASSES)} offsets, got {self.offsets}")
