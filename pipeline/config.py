@@ -136,6 +136,21 @@ class AugmentConfig(_Section):
     # Also keep the resized original of each train image among its copies.
     keep_original: bool = True
     workers: int = Field(2, ge=1, le=256)
+    # Colour constancy on every resized image (train copies before their random transforms; val /
+    # test when scored, through the export): none | shades_of_gray (Finlayson & Trezzi 2004).
+    # Recorded in augmented/meta.json, best.pt and the export's config.json, so inference always
+    # applies what training saw.
+    color_constancy: Literal["none", "shades_of_gray"] = "none"
+    # Minkowski norm p of Shades of Gray (6 = the ISIC-challenge standard; 1 = grey world).
+    sog_power: float = Field(6.0, ge=1, le=32)
+    # Random resized crop of train copies: area fraction drawn from [crop_scale_min, 1], aspect
+    # ratio from [3/4, 4/3], resized back to image_size. 1.0 = off.
+    crop_scale_min: float = Field(1.0, gt=0, le=1)
+    # Random gamma of train copies: gamma drawn uniformly from [1 - gamma, 1 + gamma]. 0 = off.
+    gamma: float = Field(0.0, ge=0, lt=1)
+    # Probability of a Gaussian blur (5x5 kernel, sigma uniform in [0.1, blur_sigma]). 0 = off.
+    blur: float = Field(0.0, ge=0, le=1)
+    blur_sigma: float = Field(1.0, ge=0.1, le=10)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentConfig":
@@ -190,6 +205,9 @@ class LossConfig(_Section):
     gamma: float = Field(2.0, ge=0, le=100)
     # Per-class focal alpha: null, "balanced" (inverse frequency, mean 1) or a list of 7 floats.
     alpha: None | Literal["balanced"] | list[float] = None
+    # Label smoothing of the focal / cross-entropy targets of both branches: the one-hot target
+    # becomes (1 - eps) * one_hot + eps / C. 0 = off (the patent's plain focal loss).
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("alpha")
     @classmethod
@@ -227,6 +245,9 @@ class TrainConfig(_Section):
     # Threads decoding images into the image cache.
     cache_workers: int = Field(4, ge=1, le=256)
     progress: bool = True
+    # Exponential moving average of the weights (e.g. 0.999 per optimizer step); null = off. When
+    # on, validation (and so the lowest-loss state and the exported branch) uses the EMA weights.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> "TrainConfig":
@@ -249,9 +270,29 @@ class EvaluateConfig(_Section):
     cache_workers: int = Field(4, ge=1, le=256)
 
 
+class SelectConfig(_Section):
+    # Decision rule fitted on the validation split and stored in the export (config.json
+    # "decision"): balanced = per-class log-probability offsets maximising validation balanced
+    # accuracy (pipeline.core.decision); none = plain arg-max.
+    decision_rule: Literal["balanced", "none"] = "none"
+    # The offsets stay within [-offset_limit, offset_limit], searched in steps of offset_step.
+    offset_limit: float = Field(2.0, ge=0, le=10)
+    offset_step: float = Field(0.1, gt=0, le=1)
+    # Test-time augmentation recorded in the export (config.json "tta") and applied by predict,
+    # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views).
+    # The decision rule is fitted on the probabilities this produces.
+    tta: Literal["none", "flips"] = "none"
+    # Images per forward pass and decoding threads when scoring the val split for the rule.
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    cache_workers: int = Field(4, ge=1, le=256)
+
+
 class PredictConfig(_Section):
     # Images per forward pass in `predict` and the MLflow pyfunc model.
     batch_size: int = Field(64, ge=1, le=1_000_000)
+    # Label of the predict stage: rule = the export's decision rule (what the pyfunc, evaluate and
+    # the gate use; arg-max for exports without one) | argmax = plain arg-max of the probabilities.
+    decision: Literal["rule", "argmax"] = "rule"
 
 
 class CamConfig(_Section):
@@ -313,6 +354,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    select: SelectConfig = SelectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     predict: PredictConfig = PredictConfig()
     cam: CamConfig = CamConfig()

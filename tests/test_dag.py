@@ -91,10 +91,11 @@ def test_run_overrides_allow_data_and_training_hyper_parameters(tmp_path: Path, 
     allowed = {
         "data.source": "imagefolder", "data.root": "imgs", "seed": 7, "synthetic.images_per_class": 9,
         "augment.copies": 1, "augment.max_copies": 1, "pairs.epochs": 3, "model.dropout": 0.2, "loss.gamma": 1.0,
-        "train.epochs": 3, "train.lr": 0.01,
+        "train.epochs": 3, "train.lr": 0.01, "select.decision_rule": "balanced", "select.tta": "flips",
     }  # fmt: skip
     cfg = orch.build_run_config("r", {"overrides": allowed})
     assert (cfg.data.source, cfg.seed, cfg.train.lr, cfg.loss.gamma) == ("imagefolder", 7, 0.01, 1.0)
+    assert (cfg.select.decision_rule, cfg.select.tta) == ("balanced", "flips")
     assert cfg.data.root == str((tmp_path / "imgs").resolve())  # relative to the params file's folder
     assert all(orch.overridable(k) for k in allowed)
 

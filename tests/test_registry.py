@@ -226,9 +226,11 @@ def test_champion_loads_by_alias_in_both_flavours(store, monkeypatch: pytest.Mon
 
     pf = mlflow.pyfunc.load_model(uri)
     got = pf.predict(pd.DataFrame({"image": [encode_png(a) for a in images]}))  # image files of any size
-    assert list(got.columns) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-    np.testing.assert_allclose(got.to_numpy(), expect, atol=1e-6)
-    np.testing.assert_allclose(got.to_numpy().sum(axis=1), 1.0, atol=1e-9)
+    assert list(got.columns) == ["label", "akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    probs = got.drop(columns="label").to_numpy(dtype=float)
+    np.testing.assert_allclose(probs, expect, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert got["label"].tolist() == [got.columns[1 + i] for i in expect.argmax(axis=1)]  # no rule: arg-max
     with pytest.raises(Exception, match="schema"):  # the input schema is enforced: raw arrays are refused
         pf.predict(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
 

@@ -169,15 +169,17 @@ def test_logged_model_predicts_like_the_export(tracked) -> None:
     batch = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     frame = pd.DataFrame({"image": [encode_png(a) for a in batch]})
     got = mlflow.pyfunc.load_model(result["model_uri"]).predict(frame)
-    np.testing.assert_allclose(got.to_numpy(), predict_proba(exported, list(batch), 64), atol=1e-6)
+    assert got.columns[0] == "label"
+    np.testing.assert_allclose(got.drop(columns="label").to_numpy(dtype=float),
+                               predict_proba(exported, list(batch), 64), atol=1e-6)
     single = mlflow.pyfunc.load_model(result["run_model_uri"]).predict(frame.iloc[:1])
-    assert single.shape == (1, 7)
+    assert single.shape == (1, 8)
     # the signature has an input schema, and the logged input example round-trips through serving JSON
     info = Model.load(result["model_uri"])
     assert info.signature.inputs.input_names() == ["image"] and info.signature.inputs.inputs[0].type.name == "binary"
     example = info.load_input_example(mlflow.artifacts.download_artifacts(result["model_uri"]))
     served = validate_serving_input(result["model_uri"], convert_input_example_to_serving_input(example))
-    np.testing.assert_allclose(served.to_numpy().sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(served.drop(columns="label").to_numpy(dtype=float).sum(axis=1), 1.0, atol=1e-9)
     assert list(served.columns) == list(got.columns) and len(served) == len(example)
     net = mlflow.pytorch.load_model(result["model_uri"])
     x = torch.randn(2, 3, 32, 32)

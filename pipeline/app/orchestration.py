@@ -71,6 +71,7 @@ PARAM_KEYS: dict[str, str] = {"data_source": "data.source", "data_root": "data.r
 # (``validate.*``) -- belongs to the deployment's params file; a run that tries to set it fails at once.
 RUN_OVERRIDABLE: tuple[str, ...] = (
     "data.source", "data.root", "data.csv", "seed", "synthetic", "augment", "pairs", "model", "loss", "train",
+    "select",  # the decision rule and TTA the run's export records (part of the model, like train.*)
 )  # fmt: skip
 
 _HEAVY_FREE_MAX_SCALAR = 200  # longest string copied from a stage result into XCom / extras

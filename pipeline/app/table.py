@@ -120,7 +120,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "select", "pipeline.stages.select:run_select",
         "Pick the branch with the lower validation loss and export the inference model (S3).",
-        deps=("train_dir",), outs=(Out("export_dir", digest=True),), task="select",
+        deps=("train_dir", "augmented_dir"), outs=(Out("export_dir", digest=True),), params=("select",),
+        task="select",
     ),
     Stage(
         "evaluate", "pipeline.stages.evaluate:run_evaluate",

@@ -5,7 +5,8 @@ The ``augment`` stage (:mod:`pipeline.stages.augment`) reads the validated manif
 
 * ``train/<id>__a<k>.png`` -- for each train image the resized original as copy 0 (when
   ``augment.keep_original``) and augmented copies ``1..K``;
-* ``val/<id>__a0.png``, ``test/<id>__a0.png`` -- only resized (evaluation sees unaltered images);
+* ``val/<id>__a0.png``, ``test/<id>__a0.png`` -- only resized (evaluation sees unaltered images;
+  colour constancy is applied at scoring time, see below);
 * ``manifest.parquet`` with :data:`pipeline.core.schema.AUGMENTED_COLUMNS` and ``meta.json``
   (``image_size`` of the written images: the train stage reads its resolution from there).
 
@@ -20,6 +21,16 @@ Design choices:
   (rotation up to ``rotation`` degrees, translation up to ``translate`` of the side, scale in
   ``[scale_min, scale_max]``, bilinear, black fill -- dermoscopy images already have dark
   vignetted corners; jitter comes first so the fill stays black).
+* **Optional robustness transforms** (all off by default): random gamma (``gamma``) after the
+  jitter, a random resized crop (``crop_scale_min``) before the flips, a Gaussian blur
+  (``blur``, ``blur_sigma``) last. Off, they draw no random numbers: the copies stay
+  bit-identical to a config without them.
+* **Colour constancy** (``color_constancy: shades_of_gray``, :func:`pipeline.core.imaging.shades_of_gray`):
+  each train image is corrected after resizing and *before* its random transforms (copy 0 is
+  the corrected original). Val and test images are stored **uncorrected** (only resized): the
+  export records the method and :mod:`pipeline.core.inference` applies it when scoring, so any
+  model -- a champion trained without it included -- is scored on the same files as it would see
+  them in deployment; the train stage corrects the val images it computes the validation loss on.
 * **Class balancing.** With ``balance``, class ``c`` gets ``round(copies * n_max / n_c)``
   augmented copies per image (round half up), capped at ``max_copies``; ``n`` counts *train*
   images. Without it every class gets ``copies``.
@@ -47,6 +58,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.config import AugmentConfig
+from pipeline.core.imaging import shades_of_gray
 from pipeline.core.schema import AUGMENTED_COLUMNS, SPLITS
 from pipeline.errors import DataError
 from pipeline.labels import CLASSES
@@ -133,6 +145,15 @@ def build_transform(cfg: AugmentConfig) -> Any:
                 hue=cfg.hue or None,
             )
         )
+    if cfg.gamma > 0:
+        ops.append(RandomGamma(cfg.gamma))
+    if cfg.crop_scale_min < 1:
+        ops.append(
+            v2.RandomResizedCrop(
+                cfg.image_size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3),
+                interpolation=InterpolationMode.BILINEAR, antialias=True,
+            )
+        )
     if cfg.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.vflip > 0:
@@ -146,7 +167,33 @@ def build_transform(cfg: AugmentConfig) -> Any:
             fill=0,
         )
     )
+    if cfg.blur > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, max(0.1, cfg.blur_sigma)))], p=cfg.blur))
     return v2.Compose(ops)
+
+
+class RandomGamma:
+    """Gamma correction with gamma uniform in ``[1 - strength, 1 + strength]`` (torch's global RNG,
+    so it is seeded per copy like the other transforms); uint8 in, uint8 out."""
+
+    def __init__(self, strength: float) -> None:
+        if not 0 <= strength < 1:
+            raise ValueError(f"gamma strength must be in [0, 1), got {strength}")
+        self.strength = float(strength)
+
+    def __call__(self, img: Any) -> Any:
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        g = 1.0 + (float(torch.rand(())) * 2.0 - 1.0) * self.strength
+        return F.adjust_gamma(img, g)
+
+
+def color_corrected(img: Image.Image, cfg: AugmentConfig) -> Image.Image:
+    """``img`` (RGB, already resized) under ``augment.color_constancy`` (``none``: unchanged)."""
+    if cfg.color_constancy == "none":
+        return img
+    return Image.fromarray(shades_of_gray(np.asarray(img, dtype=np.uint8), cfg.sog_power), mode="RGB")
 
 
 def augment_image(img: Image.Image, transform: Any, seed: int) -> Image.Image:

@@ -18,10 +18,13 @@ META_KEYS: tuple[str, ...] = (
 )
 
 
-def select_cam_samples(y_true: np.ndarray, probs: np.ndarray, per_class: int) -> list[tuple[int, str, int]]:
+def select_cam_samples(
+    y_true: np.ndarray, probs: np.ndarray, per_class: int, y_pred: np.ndarray | None = None
+) -> list[tuple[int, str, int]]:
     """(true class, 'correct'|'wrong', row) of the CAM samples: per class the most confident
-    correct and the most confident wrong predictions, up to ``per_class`` each (ties: row order)."""
-    y_pred = probs.argmax(axis=1)
+    correct and the most confident wrong predictions, up to ``per_class`` each (ties: row order).
+    ``y_pred``: the labels of the decision rule (default arg-max)."""
+    y_pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
     conf = probs.max(axis=1)
     out: list[tuple[int, str, int]] = []
     if per_class <= 0:

@@ -9,7 +9,9 @@ like training (files are decoded by :func:`pipeline.io.images.load_rgb`, which c
 2. :func:`resize_square` resizes to ``size x size`` with bilinear antialiasing. Aspect ratio
    is **not** kept: dermoscopy images are centred on the lesion and HAM10000 ships 600x450;
    squashing keeps the whole field of view (the same choice as the 224x224 HAM10000 copy).
-3. :func:`to_model_input` scales uint8 NCHW to float and normalises with :data:`MEAN`/:data:`STD`.
+3. optionally :func:`color_constancy` (Shades of Gray, ``augment.color_constancy``) on the resized
+   uint8 image; the export records it, so inference applies what training saw.
+4. :func:`to_model_input` scales uint8 NCHW to float and normalises with :data:`MEAN`/:data:`STD`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,56 @@ def to_model_input(batch_uint8: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+COLOR_CONSTANCY = ("none", "shades_of_gray")  # the colour-constancy methods preprocessing knows
+
+
+def shades_of_gray(image: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004) of one uint8 RGB image.
+
+    The illuminant is estimated per channel as the Minkowski ``power``-mean of the pixels,
+    ``e_c = (mean(I_c ** p)) ** (1 / p)`` (p = 1: grey world, p -> inf: max-RGB; p = 6 is the
+    standard of the ISIC-challenge dermoscopy work), and every channel is scaled by
+    ``mean(e) / e_c`` so the estimated illuminant becomes neutral grey of the same brightness.
+    Takes uint8 HxWx3 (:func:`shades_of_gray_chw` for (N, 3, H, W) batches) and returns uint8 of
+    the same shape (rounded, clipped to 0..255). A black image (no illuminant to estimate) is
+    returned unchanged.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"shades_of_gray expects a uint8 HxWx3 image, got {arr.dtype} {arr.shape}")
+    if not power >= 1:
+        raise ValueError(f"shades_of_gray power must be >= 1, got {power}")
+    # 256-entry lookup tables instead of per-pixel powers (uint8 has 256 values): ~10x faster
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    counts = np.stack([np.bincount(arr[:, :, c].reshape(-1), minlength=256) for c in range(3)])
+    illum = np.power(counts @ np.power(levels, power) / (arr.shape[0] * arr.shape[1]), 1.0 / power)
+    if not np.all(illum > 0):
+        return arr.copy()
+    gain = illum.mean() / illum
+    luts = np.clip(np.rint(levels[None, :] * gain[:, None] * 255.0), 0, 255).astype(np.uint8)
+    return np.stack([luts[c][arr[:, :, c]] for c in range(3)], axis=2)
+
+
+def shades_of_gray_chw(batch: np.ndarray, power: float = 6.0) -> np.ndarray:
+    """:func:`shades_of_gray` of every image of a uint8 (N, 3, H, W) batch (a new array)."""
+    b = np.asarray(batch)
+    if b.dtype != np.uint8 or b.ndim != 4 or b.shape[1] != 3:
+        raise ValueError(f"expected a uint8 (N, 3, H, W) batch, got {b.dtype} {b.shape}")
+    out = np.empty_like(b)
+    for i in range(b.shape[0]):
+        out[i] = shades_of_gray(b[i].transpose(1, 2, 0), power).transpose(2, 0, 1)
+    return out
+
+
+def color_constancy(batch: np.ndarray, method: str, power: float = 6.0) -> np.ndarray:
+    """A uint8 (N, 3, H, W) batch under colour-constancy ``method`` (``none``: returned as is)."""
+    if method == "none":
+        return batch
+    if method == "shades_of_gray":
+        return shades_of_gray_chw(batch, power)
+    raise ValueError(f"unknown colour-constancy method {method!r}; known: {list(COLOR_CONSTANCY)}")
 
 
 PHASH_SIDE = 16  # the hash compares 16 x 16 neighbouring pixels of a grey thumbnail: 256 bits

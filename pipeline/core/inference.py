@@ -1,9 +1,18 @@
-"""Inference, the pure part: images -> class probabilities with an exported model (patent S3).
+"""Inference, the pure part: images -> class probabilities and labels with an exported model (S3).
 
 Every image is preprocessed exactly like training: RGB (:func:`pipeline.core.imaging.to_rgb`),
-square resize to the model's ``image_size``, normalisation (:func:`~pipeline.core.imaging.to_model_input`).
-Used by the ``predict`` and ``evaluate`` stages, the registry gate and the MLflow pyfunc, so all of
-them predict the same numbers for the same pixels.
+square resize to the model's ``image_size``, the colour constancy the model was trained with
+(``preprocess`` in ``config.json``: :func:`pipeline.core.imaging.color_constancy`, ``none`` for
+older exports), normalisation (:func:`~pipeline.core.imaging.to_model_input`). Used by the
+``predict``, ``select`` and ``evaluate`` stages, the registry gate and the MLflow pyfunc, so all of
+them predict the same numbers and labels for the same pixels:
+
+* :func:`predict_batch_uint8` -- probabilities: the softmax of the network, or with the export's
+  ``tta: flips`` the mean of the softmax over the 8 flip/transpose views of each image
+  (:data:`TTA_VIEWS`, the dihedral group of the square: lesions have no orientation).
+* :func:`predicted_labels` -- labels from probabilities under the export's decision rule
+  (:mod:`pipeline.core.decision`: ``argmax`` or fitted log-probability ``offsets``), or plain
+  arg-max when asked (``predict.decision: argmax``). The probabilities are never adjusted.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ import torch
 from PIL import Image
 
 from pipeline.core.cam import cam_for
-from pipeline.core.imaging import resize_square, to_model_input, to_rgb
+from pipeline.core.decision import apply_offsets, offsets_of
+from pipeline.core.imaging import color_constancy, resize_square, to_model_input, to_rgb
 from pipeline.errors import DataError, PipelineError
 from pipeline.labels import CLASSES
 
@@ -30,6 +40,46 @@ class Model(Protocol):
 
     @property
     def image_size(self) -> int: ...
+
+
+TTA_MODES = ("none", "flips")
+TTA_VIEWS = 8  # tta: flips -- identity, 3 rotations by 90 degrees, and the transposes of all four
+DECISIONS = ("rule", "argmax")  # predict.decision: the export's rule, or plain arg-max
+
+
+def preprocess_of(meta: dict[str, Any]) -> tuple[str, float]:
+    """(colour-constancy method, power) an export was trained with; ``("none", 6.0)`` when absent."""
+    pre = meta.get("preprocess") or {}
+    return str(pre.get("color_constancy", "none")), float(pre.get("sog_power", 6.0))
+
+
+def tta_of(meta: dict[str, Any]) -> str:
+    """The export's test-time augmentation: ``none`` (also for older exports) or ``flips``."""
+    return str(meta.get("tta", "none"))
+
+
+def apply_preprocess(batch_uint8: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """The export's colour constancy on a resized uint8 (N, 3, S, S) batch (``none``: unchanged)."""
+    method, power = preprocess_of(meta)
+    return color_constancy(batch_uint8, method, power)
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of a (N, C, H, W) batch that ``mode`` averages over (``none``: just ``x``)."""
+    if mode == "none":
+        return [x]
+    if mode != "flips":
+        raise PipelineError(f"unknown test-time augmentation {mode!r}; known: {list(TTA_MODES)}")
+    views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    return views + [v.transpose(2, 3) for v in views]
+
+
+def predicted_labels(exported: Model, probs: np.ndarray, decision: str = "rule") -> np.ndarray:
+    """Class indices (N,) for probabilities from :func:`predict_batch_uint8`: the export's decision
+    rule (``decision="rule"``; an export without one is arg-max) or plain arg-max (``"argmax"``)."""
+    if decision not in DECISIONS:
+        raise PipelineError(f"unknown decision {decision!r}; known: {list(DECISIONS)}")
+    return apply_offsets(probs, offsets_of(exported.meta) if decision == "rule" else None)
 
 
 def prepare(images: Sequence[np.ndarray | Image.Image], size: int) -> np.ndarray:
@@ -51,23 +101,32 @@ def prepare(images: Sequence[np.ndarray | Image.Image], size: int) -> np.ndarray
 
 @torch.no_grad()
 def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: int) -> np.ndarray:
-    """uint8 (N, 3, S, S) already at the model size -> probabilities (N, C) float64 summing to 1.
+    """uint8 (N, 3, S, S) already at the model size (not yet colour-corrected) -> probabilities
+    (N, C) float64 summing to 1, under the export's colour constancy and test-time augmentation.
 
     Non-finite logits (a broken model) raise :class:`PipelineError` instead of giving probabilities."""
     model = exported.model
     device = next(model.parameters()).device
+    mode = tta_of(exported.meta)
     probs = []
     for i in range(0, batch_uint8.shape[0], batch_size):
-        x = to_model_input(torch.from_numpy(np.array(batch_uint8[i : i + batch_size])).to(device))
-        logits = model(x).float()
+        chunk = apply_preprocess(np.array(batch_uint8[i : i + batch_size]), exported.meta)
+        x = to_model_input(torch.from_numpy(chunk).to(device))
+        views = tta_views(x, mode)
+        n = x.shape[0]
+        # all views in one forward pass (TTA at batch 1 is one batch of 8, not 8 passes)
+        logits = model(views[0] if len(views) == 1 else torch.cat(views).contiguous()).float()
         bad = ~torch.isfinite(logits).all(dim=1)
         if bool(bad.any()):
-            rows = (torch.nonzero(bad).flatten() + i).tolist()
+            rows = sorted({int(r) % n + i for r in torch.nonzero(bad).flatten()})
             raise PipelineError(
                 f"the model produced non-finite outputs for {len(rows)} image(s) (rows {rows[:5]}); "
                 "refusing to report garbage probabilities"
             )
-        probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+        p = torch.softmax(logits.double(), dim=1)
+        if len(views) > 1:
+            p = p.view(len(views), n, -1).mean(dim=0)
+        probs.append(p.cpu().numpy())
     if not probs:
         return np.zeros((0, int(exported.meta["num_classes"])), dtype=np.float64)
     p = np.concatenate(probs)
@@ -85,17 +144,22 @@ def predict_proba(exported: Model, images: Sequence[np.ndarray | Image.Image], b
     return np.concatenate(out)
 
 
-def probabilities_frame(image_ids: Sequence[str], probs: np.ndarray, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
-    """The output table: image_id, label (arg-max), one probability column per class."""
+def probabilities_frame(
+    image_ids: Sequence[str], probs: np.ndarray, classes: Sequence[str] = CLASSES, labels: np.ndarray | None = None
+) -> pd.DataFrame:
+    """The output table: image_id, label (``labels``, default arg-max), one probability column per class."""
     classes = list(classes)
     df = pd.DataFrame(probs, columns=classes)
-    df.insert(0, "label", [classes[i] for i in probs.argmax(axis=1)] if len(probs) else [])
+    idx = probs.argmax(axis=1) if labels is None and len(probs) else labels
+    df.insert(0, "label", [classes[int(i)] for i in idx] if len(probs) else [])
     df.insert(0, "image_id", list(image_ids))
     return df
 
 
-def cam_of(exported: Model, image_chw: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    """CAM (H, W) in [0, 1] of the predicted class of one uint8 (3, H, W) image at the model size,
-    the predicted class and the probabilities (patent S4)."""
-    x = to_model_input(torch.from_numpy(np.array(image_chw[None])))
-    return cam_for(exported.model, x)
+def cam_of(exported: Model, image_chw: np.ndarray, class_idx: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """CAM (H, W) in [0, 1] of one uint8 (3, H, W) image at the model size (after the export's
+    colour constancy, without test-time augmentation), the class it shows and the single-view
+    probabilities (patent S4). ``class_idx`` None: the single view's arg-max class; callers pass
+    the label :func:`predicted_labels` chose so the map explains the reported label."""
+    x = to_model_input(torch.from_numpy(apply_preprocess(np.array(image_chw[None]), exported.meta)))
+    return cam_for(exported.model, x, class_idx)

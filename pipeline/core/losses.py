@@ -44,11 +44,15 @@ def focal_loss(
     gamma: float,
     alpha: Tensor | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Multi-class softmax focal loss of ``logits`` (N, C) against integer ``target`` (N,).
 
     ``gamma = 0`` and ``alpha = None`` is exactly cross-entropy. ``alpha`` is a (C,) tensor of
     per-class weights. ``reduction``: ``"mean"`` (plain mean over samples), ``"sum"`` or ``"none"``.
+    ``label_smoothing`` ``eps > 0`` replaces the one-hot target by ``q = (1 - eps) * one_hot + eps / C``:
+    ``-alpha_t * sum_i q_i (1 - p_i)^gamma log p_i`` (with ``gamma = 0``: torch's label-smoothed
+    cross-entropy); ``eps = 0`` is exactly the plain formula above.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
@@ -56,13 +60,18 @@ def focal_loss(
         raise ValueError(f"target must be (N,) = ({logits.shape[0]},), got shape {tuple(target.shape)}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     target = target.long()
-    logp_t = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-    if gamma == 0:
-        loss = -logp_t
+    if label_smoothing > 0:
+        logp = F.log_softmax(logits.float(), dim=1)
+        n_cls = logits.shape[1]
+        q = torch.full_like(logp, label_smoothing / n_cls)
+        q.scatter_(1, target[:, None], 1.0 - label_smoothing + label_smoothing / n_cls)
+        weight = (-torch.expm1(logp)).clamp_min(_EPS) ** gamma if gamma > 0 else torch.ones_like(logp)
+        loss = -(q * weight * logp).sum(dim=1)
     else:
-        one_minus_p = (-torch.expm1(logp_t)).clamp_min(_EPS)
-        loss = -(one_minus_p**gamma) * logp_t
+        loss = _focal_terms(logits, target, gamma)
     if alpha is not None:
         alpha = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
         if alpha.shape != logits.shape[1:]:
@@ -75,6 +84,17 @@ def focal_loss(
     if reduction == "none":
         return loss
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _focal_terms(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
+    """Per-sample ``-(1 - p_t)^gamma log p_t`` (one-hot target)."""
+    logp_t = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+    if gamma == 0:
+        loss = -logp_t
+    else:
+        one_minus_p = (-torch.expm1(logp_t)).clamp_min(_EPS)
+        loss = -(one_minus_p**gamma) * logp_t
+    return loss
 
 
 def class_alpha(
@@ -137,11 +157,16 @@ def same_target(y1: Tensor, y2: Tensor) -> Tensor:
 
 
 def joint_loss(out: TwinOutput, y1: Tensor, y2: Tensor, cfg: LossConfig, alpha: Tensor | None = None) -> JointLoss:
-    """``A * FL(logits1, y1) + B * FL(logits2, y2) + C * CE(same_logits, y1 == y2)``."""
+    """``A * FL(logits1, y1) + B * FL(logits2, y2) + C * CE(same_logits, y1 == y2)``.
+
+    The focal terms use ``cfg.label_smoothing`` (training); the validation losses that pick the
+    lowest-loss state and the exported branch are always unsmoothed
+    (:func:`pipeline.core.training.validate`), so they stay comparable across settings."""
     if y1.shape != y2.shape:
         raise ValueError(f"label batches differ in shape: {tuple(y1.shape)} vs {tuple(y2.shape)}")
-    f1 = focal_loss(out.logits1, y1, cfg.gamma, alpha)
-    f2 = focal_loss(out.logits2, y2, cfg.gamma, alpha)
+    eps = cfg.label_smoothing
+    f1 = focal_loss(out.logits1, y1, cfg.gamma, alpha, label_smoothing=eps)
+    f2 = focal_loss(out.logits2, y2, cfg.gamma, alpha, label_smoothing=eps)
     disc = F.cross_entropy(out.same_logits.float(), same_target(y1, y2))
     total = cfg.A * f1 + cfg.B * f2 + cfg.C * disc
     return JointLoss(total=total, focal1=f1, focal2=f2, disc=disc)

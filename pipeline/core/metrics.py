@@ -10,7 +10,8 @@ scikit-learn computes every number; this wrapper fixes the conventions the proje
   without positives or without negatives (scikit-learn would raise).
 * Undefined precision (class never predicted) and recall (class absent) are 0.0
   (``zero_division=0``); ``support_<cls>`` tells them apart.
-* Predictions are ``argmax(probs)`` (ties -> lowest class index).
+* Predictions are ``argmax(probs)`` (ties -> lowest class index) unless the caller passes the
+  labels of a decision rule (``y_pred``).
 * ``ece`` is the expected calibration error of the top-label confidence over
   :data:`ECE_BINS` equal-width bins: ``sum_b n_b / N * |accuracy_b - mean confidence_b|``
   (Guo et al. 2017); 0 is perfectly calibrated.
@@ -82,15 +83,23 @@ def _auc(pos: np.ndarray, score: np.ndarray) -> float:
     return float(skm.roc_auc_score(pos.astype(int), score))
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, y_pred: np.ndarray | None = None
+) -> dict[str, Any]:
     """Flat metric dict: ``accuracy``, ``balanced_accuracy``, ``macro_auc``, ``macro_f1``, ``ece`` and
-    ``precision_/recall_/f1_/auc_/support_<cls>`` per class. Values are floats (support: int)."""
+    ``precision_/recall_/f1_/auc_/support_<cls>`` per class. Values are floats (support: int).
+
+    ``y_pred``: the predicted labels when a decision rule other than arg-max chose them
+    (:func:`pipeline.core.inference.predicted_labels`); the label metrics use them, AUC and ECE
+    the probabilities."""
     classes = list(classes)
     n = len(classes)
     y, p = _check(y_true, probs, n)
     if y.size == 0:
         raise ValueError("no samples")
-    pred = p.argmax(axis=1)
+    pred = p.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"y_pred has {pred.size} labels for {y.size} samples")
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=np.arange(n), zero_division=0
     )

@@ -86,7 +86,11 @@ def model_card(
         "## Model",
         f"Branch {export.get('selected_branch')} selected: validation loss {_num(export.get('val_loss_branch1'), 4)} "
         f"(branch 1) vs {_num(export.get('val_loss_branch2'), 4)} (branch 2), best epoch {export.get('best_epoch')}; "
-        f"{res} x {res} px input, {export.get('params_inference')} parameters.",
+        f"{res} x {res} px input, {export.get('params_inference')} parameters. "
+        f"Inference: colour constancy {(export.get('preprocess') or {}).get('color_constancy', 'none')}, "
+        f"test-time augmentation {export.get('tta', 'none')}, decision rule "
+        f"{(export.get('decision') or {}).get('rule', 'argmax')} (the evaluation above uses it; arg-max balanced "
+        f"accuracy {_num(metrics.get('argmax_balanced_accuracy', metrics.get('balanced_accuracy')))}).",
         "",
         "## Promotion gate",
         f"{gate.get('decision')}: {gate.get('reason')}. Challenger v{version} balanced accuracy "

@@ -40,4 +40,8 @@ def build_meta(best: dict[str, Any], selected: int, params_inference: int) -> di
         "params_train": int(best.get("params_train", 0)),
         "config_digest": str(best.get("config_digest", "")),
         "train_digest": str(best.get("train_digest", "")),
+        # the colour constancy training saw (older checkpoints: none)
+        "preprocess": dict(best.get("preprocess") or {"color_constancy": "none", "sog_power": 6.0}),
+        "tta": "none",
+        "decision": {"rule": "argmax", "offsets": None},
     }

@@ -128,6 +128,26 @@ class TrainData:
     class_counts: np.ndarray  # train images per class (for alpha="balanced")
     image_size: int
     digest: str
+    # colour constancy of the train copies ({} = none); the val rows are corrected the same way
+    preprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CorrectedRows:
+    """``base`` images whose rows from ``start`` on are replaced by ``corrected`` (the val rows
+    under the colour constancy the train copies were written with)."""
+
+    base: Images
+    start: int
+    corrected: np.ndarray  # uint8 (N - start, 3, S, S)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = self.base.take(rows)
+        late = rows >= self.start
+        if late.any():
+            out[late] = self.corrected[rows[late] - self.start]
+        return out
 
 
 def validation_pairs(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -315,6 +335,16 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
+def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (``train.ema_decay``):
+    after every optimizer step ``ema = decay * ema + (1 - decay) * weights`` (the first step
+    copies them). ``.module`` is the averaged twin; validation, the lowest-loss state and the
+    export use it when EMA is on."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_epoch(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, ...]],
@@ -329,8 +359,11 @@ def train_epoch(
     ds: DeviceSetup,
     epoch: int,
     on_step: Callable[[dict[str, float], float], None] | None = None,
+    ema: Any = None,
 ) -> tuple[dict[str, float], float]:
     """One pass over ``batches``: ``(loss sums weighted by batch size, pairs seen)``.
+
+    ``ema`` (:func:`build_ema`) is updated after every optimizer step.
 
     Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause).
     """
@@ -352,6 +385,8 @@ def train_epoch(
         scaler.step(opt)
         scaler.update()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(getattr(model, "module", model))
         n = float(yl.shape[0])
         n_seen += n
         for key, val in zip(TRAIN_SUMS, (loss.total, loss.focal1, loss.focal2, loss.disc), strict=True):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import AugmentConfig
-from pipeline.core.augment import augment_image, build_transform
+from pipeline.core.augment import augment_image, build_transform, color_corrected
 from pipeline.core.imaging import resize_square
 from pipeline.io.images import load_rgb
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class WriteTask:
     source: str  # absolute path of the source image
     outputs: tuple[tuple[str, int, int], ...]  # (absolute output path, copy, seed)
+    color: bool = False  # apply augment.color_constancy before the copies (train images)
 
 
 _TRANSFORM: Any = None
@@ -50,6 +51,8 @@ def _process(task: WriteTask) -> str | None:
         base = resize_square(load_rgb(task.source), _CFG.image_size)
     except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
         return f"{task.source}: cannot read image: {exc}"
+    if task.color:
+        base = color_corrected(base, _CFG)
     out = ""
     try:
         for out, copy, seed in task.outputs:

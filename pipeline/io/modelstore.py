@@ -22,6 +22,19 @@ The ``select`` stage (:mod:`pipeline.stages.select`) picks the branch
 ``config.json`` also records ``weights_sha256`` and ``portable_sha256``, the digests of the two model
 files, so a folder is verified before anything in it is used.
 
+How the model is *used* is recorded beside it, and every consumer applies it through
+:mod:`pipeline.core.inference` (all three keys are optional: an export written before them loads as
+arg-max, no colour constancy, no TTA):
+
+``preprocess``
+    ``{color_constancy: none|shades_of_gray, sog_power}`` -- the colour constancy of training
+    (``augment.color_constancy``), applied to every resized image before the network.
+``tta``
+    ``none`` | ``flips`` (``select.tta``): probabilities are the mean over the 8 flip/transpose views.
+``decision``
+    ``{rule: argmax|offsets, offsets: [7 floats] | null}`` (``select.decision_rule``): the label
+    is ``argmax(log p + offsets)``; the probabilities stay the softmax.
+
 :func:`load_exported` rebuilds the eager model from ``config.json`` + ``weights.pt`` (used by
 ``evaluate``, ``predict``, the registry gate and the MLflow pyfunc) and **verifies** the folder
 first: ``config.json`` must match the :class:`ExportMeta` schema (a missing ``image_size``, a size of
@@ -39,7 +52,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,6 +65,35 @@ from pipeline.io.digests import file_sha256
 from pipeline.labels import CLASSES
 
 log = logging.getLogger(__name__)
+
+
+class DecisionMeta(BaseModel):
+    """``decision`` of ``config.json``: the decision rule (:mod:`pipeline.core.decision`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    rule: Literal["argmax", "offsets"] = "argmax"
+    offsets: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _offsets(self) -> DecisionMeta:
+        if self.rule == "offsets":
+            if self.offsets is None or len(self.offsets) != len(CLASSES):
+                raise ValueError(f"rule 'offsets' needs {len(CLASSES)} offsets, got {self.offsets}")
+            if any(abs(v) > 100 for v in self.offsets):
+                raise ValueError("offsets must be within [-100, 100]")
+        elif self.offsets is not None:
+            raise ValueError("rule 'argmax' takes no offsets (set them to null)")
+        return self
+
+
+class PreprocessMeta(BaseModel):
+    """``preprocess`` of ``config.json``: the colour constancy the model was trained with."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    color_constancy: Literal["none", "shades_of_gray"] = "none"
+    sog_power: float = Field(6.0, ge=1, le=32)
 
 
 class ExportMeta(BaseModel):
@@ -74,6 +116,10 @@ class ExportMeta(BaseModel):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     portable: str = Field(pattern=r"^model\.(ts|pt2)$")
     portable_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Optional (exports written before them load as: arg-max, no colour constancy, no TTA).
+    decision: DecisionMeta = DecisionMeta()
+    preprocess: PreprocessMeta = PreprocessMeta()
+    tta: Literal["none", "flips"] = "none"
 
     @field_validator("format")
     @classmethod

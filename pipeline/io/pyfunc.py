@@ -3,10 +3,15 @@
 ``python_function`` (this module is its ``loader_module``)
     Takes **image files**: a DataFrame whose ``image`` column holds the bytes of encoded images
     (JPEG, PNG, ... any size or mode; the signature's input schema, enforced by MLflow, and what a
-    serving request sends base64-encoded) and returns a DataFrame of the seven class
-    probabilities, one column per class in :data:`pipeline.labels.CLASSES` order. Preprocessing is the project's
-    own (:func:`pipeline.core.inference.predict_proba`: RGB, square resize to the model size,
-    normalisation), so it predicts exactly what the exported model folder predicts. The export
+    serving request sends base64-encoded) and returns a DataFrame with ``label`` (the class the
+    export's decision rule picks: :func:`pipeline.core.inference.predicted_labels`, arg-max for
+    exports without a rule) and the seven class probabilities, one column per class in
+    :data:`pipeline.labels.CLASSES` order (the softmax, with the export's test-time augmentation;
+    the rule never changes them). Preprocessing is the project's own
+    (:func:`pipeline.core.inference.predict_proba`: RGB, square resize to the model size, the
+    export's colour constancy, normalisation), so it predicts exactly what the exported model
+    folder predicts with ``predict``, ``evaluate`` and the gate. Colour constancy, TTA and the
+    decision rule come from the export's ``config.json``, never from the serving side's params. The export
     folder (``weights.pt``, ``config.json``, ``model.ts``) travels inside the MLflow model under
     ``data/export`` and the ``pipeline`` package under ``code/``; no pickled Python objects.
 ``pytorch``
@@ -35,7 +40,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.core.inference import predict_proba
+from pipeline.core.inference import predict_proba, predicted_labels
 from pipeline.io.images import decode_image
 from pipeline.io.modelstore import load_exported
 from pipeline.labels import CLASSES
@@ -106,7 +111,10 @@ class SkinTwinClassifier:
         return predict_proba(self.exported, to_images(model_input), self.batch_size)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ARG002
-        return pd.DataFrame(self.predict_proba(model_input), columns=list(self.classes))
+        probs = self.predict_proba(model_input)
+        df = pd.DataFrame(probs, columns=list(self.classes))
+        df.insert(0, "label", [self.classes[int(i)] for i in predicted_labels(self.exported, probs)])
+        return df
 
 
 def _load_pyfunc(data_path: str) -> SkinTwinClassifier:
@@ -123,12 +131,14 @@ def _load_pyfunc(data_path: str) -> SkinTwinClassifier:
 def signature(image_size: int):  # noqa: ARG001 - images of any size are accepted
     """Input: a column ``image`` of encoded image files (``binary``: the bytes of a JPEG, PNG, ...
     of any size -- base64 in a serving request's ``dataframe_split``); output: one probability
-    column per class. MLflow enforces it on every ``predict``."""
+    column per class after the ``label`` the decision rule picks. MLflow enforces it on every
+    ``predict``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("binary", "image")]), outputs=Schema([ColSpec("double", c) for c in CLASSES])
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", c) for c in CLASSES)]),
     )
 
 

@@ -2,7 +2,9 @@
 
 Reads the validated manifest, plans the outputs (:func:`pipeline.core.augment.plan_outputs`) and
 writes them through :mod:`pipeline.io.augment_writer` into one folder that replaces the old one
-atomically. ``meta.json`` records the side of the written images, which is what ``train`` trains at.
+atomically. ``meta.json`` records the side of the written images, which is what ``train`` trains at,
+and (``preprocess``, only when not ``none``) the colour constancy of the train copies, which
+``train`` applies to the val images and records in ``best.pt`` for the export.
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ from pipeline.layout import Layout
 log = logging.getLogger(__name__)
 
 
+_OFF_DEFAULTS = {"color_constancy": "none", "sog_power": 6.0, "crop_scale_min": 1.0, "gamma": 0.0, "blur": 0.0,
+                 "blur_sigma": 1.0}
+
+
 def augmented_digest(manifest: pd.DataFrame, cfg: Config) -> str:
     """What the written images are a pure function of: the source images' content and labels, the
     split, the seed and the augment settings (the train stage keys its checkpoints on it)."""
     rows = manifest[["image_id", "sha256", "label", "split"]].astype(str).sort_values("image_id").to_numpy().tolist()
     settings = cfg.augment.model_dump(mode="json", exclude={"workers"})  # workers change nothing written
+    # Knobs added later leave the digest of a config that keeps them at their "off" defaults
+    # unchanged (the images are bit-identical, so old checkpoints stay resumable).
+    for key, off in _OFF_DEFAULTS.items():
+        if settings.get(key) == off:
+            settings.pop(key)
     payload = {"seed": cfg.seed, "augment": settings, "rows": rows}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -51,6 +62,7 @@ def run_augment(cfg: Config) -> dict[str, Any]:
                     (str(tmp / p), int(k), copy_seed(cfg.seed, sid, int(k)))
                     for p, k, sid in zip(g["path"], g["copy"], g["source_id"], strict=True)
                 ),
+                color=cfg.augment.color_constancy != "none" and bool((g["split"] == "train").all()),
             )
             for src, g in plan.groupby("source_path", sort=False)
         ]
@@ -65,6 +77,9 @@ def run_augment(cfg: Config) -> dict[str, Any]:
         out.to_parquet(tmp / layout.augmented_manifest.name, index=False)
         meta = {"format": 1, "image_size": cfg.augment.image_size, "images": len(out),
                 "digest": augmented_digest(manifest, cfg)}
+        if cfg.augment.color_constancy != "none":  # absent = none (meta.json of older runs, unchanged default)
+            # train copies are corrected; val/test are not (the export applies it when scoring)
+            meta["preprocess"] = {"color_constancy": cfg.augment.color_constancy, "sog_power": cfg.augment.sog_power}
         (tmp / AUGMENTED_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     summary = summarize(plan, per_class, cfg.augment)
     log.info("augment: %s images written to %s", summary["images"], layout.augmented_dir)

@@ -18,6 +18,12 @@ Writes
   (:func:`pipeline.core.evaluation.select_cam_samples`).
 * ``reports/predictions_test.csv``: ``image_id, label, predicted, correct`` and one probability
   column per class.
+
+Labels (``predicted``, the confusion matrix, the label metrics) follow the export's decision rule
+(:func:`pipeline.core.inference.predicted_labels`; arg-max for an export without one) -- what the
+pyfunc and the gate use; ``metrics.json`` adds ``argmax_accuracy``, ``argmax_balanced_accuracy``
+and ``argmax_macro_f1`` of plain arg-max. Probabilities include the export's colour constancy and
+test-time augmentation (:func:`pipeline.io.scoring.score_model`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.core.cam import overlay
 from pipeline.core.evaluation import flat_metrics, select_cam_samples
-from pipeline.core.inference import Model, cam_of
+from pipeline.core.inference import Model, cam_of, predicted_labels
 from pipeline.core.metrics import confusion_matrix
 from pipeline.core.plots import confusion_png, grid_png, roc_png
 from pipeline.core.schema import AUGMENTED_COLUMNS
@@ -58,17 +64,21 @@ def write_cam_samples(
     per_class: int,
     folder: Path,
     alpha: float,
+    y_pred: np.ndarray | None = None,
 ) -> list[str]:
-    """CAM overlays of the selected samples + ``grid.png`` into ``folder``; returns file names."""
+    """CAM overlays of the selected samples + ``grid.png`` into ``folder``; returns file names.
+    The map is of the reported label (``y_pred``, default arg-max), drawn over the stored image."""
     tiles: list[tuple[np.ndarray, str]] = []
     names: list[str] = []
-    for c, kind, row in select_cam_samples(y_true, probs, per_class):
+    y_pred = probs.argmax(axis=1) if y_pred is None else y_pred
+    for c, kind, row in select_cam_samples(y_true, probs, per_class, y_pred):
         img = np.ascontiguousarray(images[row].transpose(1, 2, 0))
-        cam, pred, p = cam_of(exported, images[row])
+        pred = int(y_pred[row])
+        cam, _, _ = cam_of(exported, images[row], pred)
         name = f"{CLASSES[c]}_{kind}_{ids[row]}.png"
         save_overlay_png(folder / name, img, cam, alpha)
         names.append(name)
-        tiles.append((overlay(img, cam, alpha), f"{CLASSES[c]} -> {CLASSES[pred]} ({float(p[pred]):.2f})"))
+        tiles.append((overlay(img, cam, alpha), f"{CLASSES[c]} -> {CLASSES[pred]} ({float(probs[row, pred]):.2f})"))
     (folder / "grid.png").write_bytes(grid_png(tiles))
     return names
 
@@ -83,7 +93,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
     metrics, probs = score_model(exported, test, layout.augmented_dir, cfg)
     y_true = label_index(test, str(layout.augmented_manifest))
-    y_pred = probs.argmax(axis=1)
+    y_pred = predicted_labels(exported, probs)  # the export's decision rule (arg-max without one)
     ids = test["image_id"].astype(str).tolist()
     cm = np.asarray(confusion_matrix(y_true, y_pred, len(exported.classes)))
 
@@ -97,7 +107,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     images = load_images(test, layout.augmented_dir, exported.image_size, cfg)
     ev = cfg.evaluate
     with atomic_dir(layout.cam_dir) as tmp:
-        cam_files = write_cam_samples(exported, images, ids, y_true, probs, ev.cam_per_class, tmp, cfg.cam.alpha)
+        cam_files = write_cam_samples(exported, images, ids, y_true, probs, ev.cam_per_class, tmp, cfg.cam.alpha,
+                                       y_pred)
 
     pred_df = pd.DataFrame(probs, columns=list(exported.classes))
     pred_df.insert(0, "correct", (y_true == y_pred).astype(int))

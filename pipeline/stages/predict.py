@@ -8,12 +8,16 @@
   (:func:`pipeline.io.images.list_images`).
 * The output CSV has exactly the columns ``image_id,label,akiec,bcc,bkl,df,mel,nv,vasc``:
   ``image_id`` is the file name without extension, the class columns are softmax probabilities
-  (sum 1), ``label`` is the arg-max class.
-* Every image is preprocessed exactly like training (any mode: L, RGBA, P, CMYK, 16-bit ...), see
-  :mod:`pipeline.core.inference`; ``predict.batch_size`` images go through the network at once.
+  (sum 1; with the export's ``tta: flips`` the mean over 8 flip/transpose views), ``label`` is
+  the class the export's decision rule picks (``predict.decision: rule``, the pyfunc's label;
+  arg-max for exports without a rule) or plain arg-max (``predict.decision: argmax``). The rule
+  changes only the label, never the probabilities.
+* Every image is preprocessed exactly like training (any mode: L, RGBA, P, CMYK, 16-bit ...; the
+  export's colour constancy), see :mod:`pipeline.core.inference`; ``predict.batch_size`` images go
+  through the network at once.
 * An unreadable file is reported by name (log and stderr) and skipped; the stage fails
   (:class:`~pipeline.errors.DataError`) only when no image could be read.
-* ``cam_dir``: a CAM overlay PNG per image (``<image_id>.png``, predicted class, patent S4).
+* ``cam_dir``: a CAM overlay PNG per image (``<image_id>.png``, the reported label, patent S4).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.core.imaging import resize_square
-from pipeline.core.inference import Model, cam_of, predict_batch_uint8, probabilities_frame
+from pipeline.core.inference import Model, cam_of, predict_batch_uint8, predicted_labels, probabilities_frame
 from pipeline.errors import DataError
 from pipeline.io.files import atomic_path
 from pipeline.io.images import list_images, load_rgb
@@ -82,13 +86,17 @@ def read_images(files: Sequence[Path], size: int) -> tuple[list[Path], np.ndarra
     return ok, stack, problems
 
 
-def write_cams(exported: Model, batch: np.ndarray, ids: Sequence[str], cam_dir: Path, alpha: float) -> None:
-    """One CAM overlay PNG per image for its predicted class (each file written atomically).
+def write_cams(
+    exported: Model, batch: np.ndarray, ids: Sequence[str], cam_dir: Path, alpha: float,
+    labels: np.ndarray | None = None,
+) -> None:
+    """One CAM overlay PNG per image for its reported label (``labels``; default the single
+    view's arg-max), each file written atomically.
 
     Files are added to ``cam_dir`` (other files there are left alone)."""
     cam_dir.mkdir(parents=True, exist_ok=True)
-    for image_id, img in zip(ids, batch, strict=True):
-        cam, _, _ = cam_of(exported, img)
+    for i, (image_id, img) in enumerate(zip(ids, batch, strict=True)):
+        cam, _, _ = cam_of(exported, img, None if labels is None else int(labels[i]))
         tmp = cam_dir / f".{image_id}.tmp.png"
         save_overlay_png(tmp, img.transpose(1, 2, 0), cam, alpha)
         os.replace(tmp, cam_dir / f"{image_id}.png")
@@ -109,7 +117,8 @@ def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | N
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         log.warning("%d image ids occur more than once (same file name in different folders): %s", len(dup), dup[:5])
-    df = probabilities_frame(ids, probs, exported.classes)
+    labels = predicted_labels(exported, probs, cfg.predict.decision)
+    df = probabilities_frame(ids, probs, exported.classes, labels)
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6f")
     summary: dict[str, Any] = {
@@ -120,6 +129,6 @@ def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | N
         "labels": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
     }
     if cam_dir:
-        write_cams(exported, batch, ids, Path(cam_dir), cfg.cam.alpha)
+        write_cams(exported, batch, ids, Path(cam_dir), cfg.cam.alpha, labels)
         summary["cam_dir"] = str(cam_dir)
     return summary

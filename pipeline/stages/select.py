@@ -7,6 +7,13 @@ export folder :attr:`pipeline.layout.Layout.export_dir` atomically
 (:func:`pipeline.io.modelstore.export_inference`). Everything comes from ``best.pt`` (model config,
 image size, losses), not from ``params.yaml``: the export always matches the weights that were
 trained.
+
+It also records how the model is used (:mod:`pipeline.io.modelstore`): the colour constancy of
+training (from ``best.pt``), the test-time augmentation (``select.tta``) and, with
+``select.decision_rule: balanced``, the decision rule: per-class log-probability offsets fitted on
+the **validation** split (``data/augmented``, scored exactly as inference scores:
+:func:`pipeline.core.inference.predict_batch_uint8`) to maximise balanced accuracy
+(:func:`pipeline.core.decision.fit_offsets`). ``none`` records plain arg-max.
 """
 
 from __future__ import annotations
@@ -14,13 +21,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Config, ModelConfig
+from pipeline.core.decision import decision_meta, fit_offsets
+from pipeline.core.inference import predict_batch_uint8
 from pipeline.core.model import build_twin, count_parameters, inference_model
+from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.core.selection import build_meta, select_branch
 from pipeline.errors import PipelineError
 from pipeline.io.checkpoints import load_best
 from pipeline.io.files import atomic_dir
-from pipeline.io.modelstore import export_inference
+from pipeline.io.manifests import read_parquet, split_rows
+from pipeline.io.modelstore import ExportedModel, export_inference
+from pipeline.io.scoring import label_index, load_images
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -39,6 +53,11 @@ def run_select(cfg: Config) -> dict[str, Any]:
         raise PipelineError(f"{best_path}: weights do not fit the stored model config ({exc})") from None
     inf = inference_model(twin, selected - 1).eval()
     meta = build_meta(best, selected, count_parameters(inf))
+    meta["tta"] = cfg.select.tta
+    fit: dict[str, Any] = {}
+    if cfg.select.decision_rule == "balanced":
+        offsets, fit = fit_decision(ExportedModel(model=inf, meta=meta), cfg, layout)
+        meta["decision"] = decision_meta(offsets)
     with atomic_dir(layout.export_dir) as tmp:
         meta = export_inference(inf, meta, tmp)
     log.info("selected branch %d (val loss %.4f vs %.4f) of epoch %d -> %s", selected, meta["val_loss_branch1"],
@@ -52,4 +71,21 @@ def run_select(cfg: Config) -> dict[str, Any]:
         "params_train": meta["params_train"],
         "export_dir": str(layout.export_dir),
         "portable": meta["portable"],
+        "decision": meta["decision"]["rule"],
+        "tta": meta["tta"],
+        **{f"val_{k}": v for k, v in fit.items() if k.startswith("balanced_accuracy")},
     }
+
+
+def fit_decision(exported: ExportedModel, cfg: Config, layout: Layout) -> tuple[np.ndarray, dict[str, Any]]:
+    """Offsets maximising balanced accuracy on the val split, scored like inference scores."""
+    aug = read_parquet(layout.augmented_manifest, "augment", AUGMENTED_COLUMNS)
+    val = split_rows(aug, "val", str(layout.augmented_manifest), "the decision rule is fitted on the val split")
+    y = label_index(val, str(layout.augmented_manifest))
+    images = load_images(val, layout.augmented_dir, exported.image_size, cfg, name="select-val",
+                         workers=cfg.select.cache_workers)
+    probs = predict_batch_uint8(exported, images, cfg.select.batch_size)
+    offsets, info = fit_offsets(y, probs, cfg.select.offset_limit, cfg.select.offset_step)
+    log.info("decision rule: val balanced accuracy %.4f (arg-max) -> %.4f (offsets %s)",
+             info["balanced_accuracy_argmax"], info["balanced_accuracy_offsets"], np.round(offsets, 2).tolist())
+    return offsets, info

@@ -21,6 +21,15 @@ pieces of :mod:`pipeline.core.training` (design choices there).
   writes files.
 * **Data loading.** Batches are gathered from the uint8 cache; with ``train.num_workers > 0`` a
   ``DataLoader`` gathers whole batches in worker processes.
+* **Colour constancy.** When ``meta.json`` records one (``augment.color_constancy``), the train
+  copies already carry it and the val images are corrected here in memory
+  (:class:`pipeline.core.training.CorrectedRows`); ``best.pt`` records it (``preprocess``) so the
+  export applies it at inference.
+* **Label smoothing / EMA.** ``loss.label_smoothing`` smooths both branches' training targets; the
+  validation losses stay unsmoothed. With ``train.ema_decay`` an exponential moving average of the
+  weights (:func:`pipeline.core.training.build_ema`, updated every optimizer step, kept in
+  ``last.pt``) is what is validated: the lowest-loss state, and therefore the branch choice and
+  the export, are the EMA weights. Both are left out of the resume digest while off.
 """
 
 from __future__ import annotations
@@ -39,14 +48,17 @@ import pandas as pd
 import torch
 
 from pipeline.config import Config
+from pipeline.core.imaging import color_constancy
 from pipeline.core.losses import class_alpha
 from pipeline.core.model import build_twin, count_parameters, inference_model
 from pipeline.core.schema import PAIR_COLUMNS
 from pipeline.core.training import (
     HISTORY_COLUMNS,
     BatchSet,
+    CorrectedRows,
     PairEpoch,
     TrainData,
+    build_ema,
     build_optimizer,
     build_scheduler,
     cpu_state,
@@ -153,6 +165,13 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
     pair_epochs = _pair_epochs(pairs, train_index, labels, layout.pairs, layout.augmented_manifest)
 
     val_rows = np.arange(n_train, len(used), dtype=np.int64)
+    # Train copies were colour-corrected by augment; the val images are stored uncorrected
+    # (pipeline.core.augment) and corrected here, as the export's inference will correct them.
+    pre = dict(meta.get("preprocess") or {})
+    images: Any = cache
+    if pre.get("color_constancy", "none") != "none":
+        corrected = color_constancy(cache.take(val_rows), str(pre["color_constancy"]), float(pre["sog_power"]))
+        images = CorrectedRows(cache, n_train, corrected)
     vl, vr, vs = validation_pairs(labels[val_rows], cfg.seed)
     class_counts = np.bincount(labels[:n_train], minlength=NUM_CLASSES)
     # Content and relative paths only (never where the run folder is): a checkpoint resumes after
@@ -169,7 +188,7 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
         ).encode()
     ).hexdigest()
     return TrainData(
-        images=cache,
+        images=images,
         labels=labels,
         pair_epochs=pair_epochs,
         val_rows=val_rows,
@@ -177,16 +196,23 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
         class_counts=class_counts,
         image_size=size,
         digest=digest,
+        preprocess=pre,
     )
 
 
 def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     """What a checkpoint must match to be resumed: training-relevant params + input data."""
     tc = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NON_SEMANTIC_TRAIN_KEYS}
+    loss = cfg.loss.model_dump(mode="json")
+    # knobs added later are left out while off, so checkpoints written before them stay resumable
+    if tc.get("ema_decay") is None:
+        tc.pop("ema_decay", None)
+    if loss.get("label_smoothing") == 0.0:
+        loss.pop("label_smoothing", None)
     payload = {
         "seed": cfg.seed,
         "model": cfg.model.model_dump(mode="json"),
-        "loss": cfg.loss.model_dump(mode="json"),
+        "loss": loss,
         "train": tc,
         "image_size": data.image_size,
         "data": data.digest,
@@ -241,6 +267,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     # Dropout draws differ per rank (the model init above is identical on every rank).
     torch.manual_seed(cfg.seed + dist.rank)
 
+    ema = build_ema(twin, tc.ema_decay) if tc.ema_decay is not None else None
     history: list[dict[str, float]] = []
     best: dict[str, Any] | None = None
     start_epoch = 0
@@ -253,6 +280,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
         rng = ckpt["rng"]
         if len(rng) == dist.world:
             set_rng_state(rng[dist.rank], gen)
@@ -290,7 +319,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             model,
             iter_batches(BatchSet(data.images, data.labels, pe, batches), tc.num_workers, ds.device.type == "cuda"),
             opt=opt, sched=sched, scaler=scaler, gen=gen, tc=tc, loss_cfg=cfg.loss, alpha=alpha, ds=ds,
-            epoch=epoch, on_step=on_step,
+            epoch=epoch, on_step=on_step, ema=ema,
         )  # fmt: skip
         if bar is not None:
             bar.close()
@@ -298,15 +327,19 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         reduced = dist.all_reduce_sum([sums[k] for k in keys] + [n_seen], ds.device)
         train_means = {k: v / max(reduced[-1], 1.0) for k, v in zip(keys, reduced[:-1], strict=True)}
         dist.broadcast_buffers(twin)  # same batch-norm statistics on every rank before validating
+        # with EMA the averaged weights are validated, kept as the lowest-loss state and exported
+        judged = twin if ema is None else ema.module
+        if ema is not None:
+            dist.broadcast_buffers(judged)
         val = validate(
-            twin, data, cfg.loss, val_batch, ds, alpha, dist.rank, dist.world,
+            judged, data, cfg.loss, val_batch, ds, alpha, dist.rank, dist.world,
             lambda v: dist.all_reduce_sum(v, ds.device),
         )  # fmt: skip
         row = {"epoch": epoch + 1, **train_means, **val, "lr": lr_epoch, "seconds": time.perf_counter() - t0}
         history.append(row)
         improved = best is None or val["val_loss_total"] < best["val_loss_total"]
         if improved:
-            best = {"epoch": epoch + 1, **val, "state": cpu_state(twin)}
+            best = {"epoch": epoch + 1, **val, "state": cpu_state(judged)}
         rng_states = dist.gather_objects(rng_state(gen))
         if dist.is_main:
             log.info(
@@ -330,6 +363,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                     "rng": [checkpoints.encode_rng(r) for r in rng_states],
                     "history": history,
                     "best": best,
+                    **({"ema": cpu_state(ema)} if ema is not None else {}),
                 },
             )
             _write_history(layout.train_dir, history)
@@ -388,6 +422,7 @@ def _best_payload(
         "params_inference": int(params_inference),
         "train_digest": digest,
         "config_digest": cfg.digest(),
+        **({"preprocess": dict(data.preprocess)} if data.preprocess.get("color_constancy", "none") != "none" else {}),
     }
 
 

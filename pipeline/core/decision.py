@@ -1,0 +1,120 @@
+"""The decision rule, the pure part: class probabilities -> a predicted label.
+
+Two rules, recorded in an export's ``config.json`` under ``decision`` and applied by
+:func:`pipeline.core.inference.predicted_labels` (``predict``, the MLflow pyfunc, ``evaluate`` and
+the registry gate all go through it):
+
+``argmax``
+    the class of the highest probability (ties -> lowest class index); what an export without a
+    ``decision`` key uses.
+``offsets``
+    ``argmax(log p + offsets)``: one additive log-probability offset per class, fitted on the
+    **validation** split by :func:`fit_offsets` to maximise balanced accuracy (the ISIC metric).
+    It corrects the class prior the network learned from the balanced copies without dividing by
+    the training prior (which over-shoots). The probabilities themselves are **not** changed: the
+    reported probabilities stay the network's softmax; only the label moves.
+
+:func:`fit_offsets` is coordinate ascent over a bounded grid: starting at 0, each class in turn
+takes the grid value in ``[-limit, limit]`` that maximises validation balanced accuracy with the
+other offsets fixed, until a full round changes nothing (or ``rounds`` rounds). It is deterministic
+and kept small on purpose: a move needs a strictly higher balanced accuracy, among equal scores the
+value nearest 0 wins, the grid is bounded, and a class absent from the validation split keeps 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DECISION_RULES = ("argmax", "offsets")
+_LOG_FLOOR = 1e-12  # log(0) guard: a probability of exactly 0 becomes log(1e-12)
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """``log(max(p, 1e-12))`` of an (N, C) probability array (float64)."""
+    return np.log(np.maximum(np.asarray(probs, dtype=np.float64), _LOG_FLOOR))
+
+
+def apply_offsets(probs: np.ndarray, offsets: np.ndarray | list[float] | None) -> np.ndarray:
+    """Predicted class indices (N,) int64: ``argmax(log p + offsets)``; ``None`` = plain arg-max."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be (N, C), got shape {p.shape}")
+    if offsets is None:
+        return p.argmax(axis=1).astype(np.int64)
+    off = np.asarray(offsets, dtype=np.float64).reshape(-1)
+    if off.shape[0] != p.shape[1] or not np.all(np.isfinite(off)):
+        raise ValueError(f"offsets must be {p.shape[1]} finite numbers, got {off.tolist()}")
+    return (log_probs(p) + off[None, :]).argmax(axis=1).astype(np.int64)
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true`` (as :mod:`pipeline.core.metrics`)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    pred = np.asarray(y_pred, dtype=np.int64)
+    support = np.bincount(y, minlength=n_classes)
+    hits = np.bincount(y[pred == y], minlength=n_classes)
+    present = support > 0
+    return float((hits[present] / support[present]).mean()) if present.any() else float("nan")
+
+
+def fit_offsets(
+    y_true: np.ndarray, probs: np.ndarray, limit: float = 2.0, step: float = 0.1, rounds: int = 10
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per-class log-probability offsets maximising balanced accuracy on (``y_true``, ``probs``).
+
+    Returns ``(offsets (C,) float64, info)`` with ``info`` = ``balanced_accuracy_argmax``,
+    ``balanced_accuracy_offsets`` (both on the fitting data), ``rounds`` used. The offsets never
+    leave ``[-limit, limit]`` and the fitted balanced accuracy is never below arg-max's.
+    """
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    lp = log_probs(probs)
+    if lp.ndim != 2 or lp.shape[0] != y.shape[0] or y.size == 0:
+        raise ValueError(f"probs must be (N, C) with N = {y.shape[0]} > 0, got shape {lp.shape}")
+    if not (limit >= 0 and step > 0):
+        raise ValueError(f"need limit >= 0 and step > 0, got limit={limit}, step={step}")
+    n = lp.shape[1]
+    if y.min() < 0 or y.max() >= n:
+        raise ValueError(f"y_true values must be in 0..{n - 1}")
+    k = int(np.floor(limit / step + 1e-9))
+    grid = np.arange(-k, k + 1, dtype=np.float64) * step
+    grid = grid[np.argsort(np.abs(grid), kind="stable")]  # nearest 0 first: ties keep the smallest offset
+    present = np.bincount(y, minlength=n) > 0
+    offsets = np.zeros(n, dtype=np.float64)
+    base = balanced_accuracy(y, lp.argmax(axis=1), n)
+    best = base
+    used = 0
+    for used in range(1, rounds + 1):
+        changed = False
+        for c in range(n):
+            if not present[c]:
+                continue
+            trial = offsets.copy()
+            best_v, best_s = offsets[c], best
+            for v in grid:
+                trial[c] = v
+                s = balanced_accuracy(y, (lp + trial).argmax(axis=1), n)
+                if s > best_s + 1e-12:
+                    best_v, best_s = v, s
+            if best_v != offsets[c]:
+                offsets[c], best, changed = best_v, best_s, True
+        if not changed:
+            break
+    offsets = np.round(offsets, 10)
+    return offsets, {"balanced_accuracy_argmax": base, "balanced_accuracy_offsets": best, "rounds": used}
+
+
+def decision_meta(offsets: np.ndarray | None) -> dict[str, Any]:
+    """The ``decision`` entry of an export's ``config.json``."""
+    if offsets is None:
+        return {"rule": "argmax", "offsets": None}
+    return {"rule": "offsets", "offsets": [float(v) for v in offsets]}
+
+
+def offsets_of(meta: dict[str, Any]) -> np.ndarray | None:
+    """The offsets an export's ``config.json`` records (``None``: arg-max, also for old exports)."""
+    decision = meta.get("decision") or {}
+    if decision.get("rule", "argmax") == "argmax":
+        return None
+    return np.asarray(decision["offsets"], dtype=np.float64)

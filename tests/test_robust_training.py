@@ -1,0 +1,152 @@
+"""Training for robustness on tiny project-made data: colour constancy in augment and train,
+the augmentation knobs, label smoothing and EMA of the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_train import make_work, tiny_cfg
+
+
+def test_train_with_colour_constancy_records_it_and_corrects_val(tmp_path: Path) -> None:
+    import pipeline.stages.train as train
+    from pipeline.core.imaging import shades_of_gray_chw
+    from pipeline.stages.select import run_select
+
+    cfg = tiny_cfg(tmp_path / "w", **{"train.epochs": 1})
+    layout = make_work(tmp_path / "w")
+    meta_path = layout.augmented_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["preprocess"] = {"color_constancy": "shades_of_gray", "sog_power": 6.0}
+    meta_path.write_text(json.dumps(meta))
+    data = train.load_train_data(cfg)
+    raw = data.images.base.take(data.val_rows[:3])
+    np.testing.assert_array_equal(data.images.take(data.val_rows[:3]), shades_of_gray_chw(raw, 6.0))
+    np.testing.assert_array_equal(data.images.take(np.arange(3)), data.images.base.take(np.arange(3)))  # train rows
+    train.run_train(cfg)
+    run_select(cfg)
+    export_meta = json.loads((layout.export_dir / "config.json").read_text())
+    assert export_meta["preprocess"] == {"color_constancy": "shades_of_gray", "sog_power": 6.0}
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation knobs, label smoothing, EMA
+# --------------------------------------------------------------------------------------------
+
+
+def test_new_augment_knobs_off_by_default_and_seeded_when_on() -> None:
+    from pipeline.config import AugmentConfig
+    from pipeline.core.augment import augment_image, build_transform, color_corrected
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    default = AugmentConfig(image_size=32)
+    names = [type(t).__name__ for t in build_transform(default).transforms]
+    assert names == ["ColorJitter", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomAffine"]
+    strong = AugmentConfig(image_size=32, crop_scale_min=0.5, gamma=0.3, blur=1.0, blur_sigma=1.5)
+    names = [type(t).__name__ for t in build_transform(strong).transforms]
+    assert names == ["ColorJitter", "RandomGamma", "RandomResizedCrop", "RandomHorizontalFlip",
+                     "RandomVerticalFlip", "RandomAffine", "RandomApply"]
+    t = build_transform(strong)
+    a, b = augment_image(img, t, 7), augment_image(img, t, 7)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (32, 32)
+    assert not np.array_equal(np.asarray(a), np.asarray(augment_image(img, build_transform(default), 7)))
+    assert color_corrected(img, default) is img
+    sog = color_corrected(img, AugmentConfig(color_constancy="shades_of_gray"))
+    assert sog.mode == "RGB" and sog.size == img.size
+
+
+def test_augment_stage_corrects_train_only_and_keeps_default_digest(tmp_path: Path, tiny_config) -> None:
+    from pipeline.stages.augment import augmented_digest, run_augment
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.stages.synthesize import run_synthesize
+    from pipeline.stages.validate import run_validate
+
+    cfg = tiny_config.with_overrides({"synthetic.images_per_class": 4, "validate.near_duplicate_distance": -1})
+    run_synthesize(cfg)
+    run_ingest(cfg)
+    run_validate(cfg)
+    run_augment(cfg)
+    aug_dir = Path(cfg.paths.work_dir) / "data" / "augmented"
+    plain = {p.relative_to(aug_dir): np.asarray(Image.open(p)) for p in aug_dir.rglob("*.png")}
+    assert "preprocess" not in json.loads((aug_dir / "meta.json").read_text())
+    manifest = pd.read_parquet(Path(cfg.paths.work_dir) / "data" / "validated.parquet")
+    off = cfg.with_overrides({"augment.gamma": 0.0, "augment.blur_sigma": 1.0})
+    assert augmented_digest(manifest, off) == augmented_digest(manifest, cfg)
+    sog = cfg.with_overrides({"augment.color_constancy": "shades_of_gray"})
+    assert augmented_digest(manifest, sog) != augmented_digest(manifest, cfg)
+    run_augment(sog)
+    assert json.loads((aug_dir / "meta.json").read_text())["preprocess"]["color_constancy"] == "shades_of_gray"
+    for rel, arr in plain.items():
+        now = np.asarray(Image.open(aug_dir / rel))
+        if rel.parts[0] == "train":
+            assert not np.array_equal(now, arr), rel
+        else:
+            np.testing.assert_array_equal(now, arr)  # val/test stay uncorrected (scoring corrects)
+
+
+def test_label_smoothing() -> None:
+    import torch.nn.functional as F
+
+    from pipeline.core.losses import focal_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 7), torch.randint(0, 7, (6,))
+    assert torch.equal(focal_loss(logits, y, 2.0, label_smoothing=0.0), focal_loss(logits, y, 2.0))
+    torch.testing.assert_close(focal_loss(logits, y, 0.0, label_smoothing=0.1),
+                               F.cross_entropy(logits, y, label_smoothing=0.1))
+    smoothed = focal_loss(logits, y, 2.0, label_smoothing=0.1)
+    assert torch.isfinite(smoothed) and not torch.equal(smoothed, focal_loss(logits, y, 2.0))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        focal_loss(logits, y, 2.0, label_smoothing=1.0)
+
+
+def test_ema_weights_are_validated_and_exported(tmp_path: Path) -> None:
+    import pipeline.stages.train as train
+    from pipeline.core.training import build_ema
+
+    lin = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(lin.weight, 1.0)
+    ema = build_ema(lin, 0.9)
+    ema.update_parameters(lin)  # first update copies
+    torch.nn.init.constant_(lin.weight, 0.0)
+    ema.update_parameters(lin)
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 0.9))
+
+    cfg = tiny_cfg(tmp_path / "w", **{"train.ema_decay": 0.5, "loss.label_smoothing": 0.1})
+    make_work(tmp_path / "w")
+    train.run_train(cfg)
+    best = torch.load(tmp_path / "w" / "models" / "train" / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(tmp_path / "w" / "models" / "train" / "last.pt", map_location="cpu", weights_only=True)
+    assert "ema" in last
+    if best["epoch"] == last["epoch"]:  # the best state is the EMA's, not the raw weights
+        ema_state = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+        for k, v in best["model"].items():
+            torch.testing.assert_close(v, ema_state[k])
+
+
+def test_resume_with_ema_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.stages.train import STOP_ENV, TrainingStopped, run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.ema_decay": 0.9}
+    full = make_work(tmp_path / "full")
+    run_train(tiny_cfg(tmp_path / "full", **extra))
+    killed = make_work(tmp_path / "killed")
+    cfg = tiny_cfg(tmp_path / "killed", **extra)
+    monkeypatch.setenv(STOP_ENV, "1")
+    with pytest.raises(TrainingStopped):
+        run_train(cfg)
+    monkeypatch.delenv(STOP_ENV)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    for name in ("best.pt", "last.pt"):
+        a = torch.load(full.train_dir / name, map_location="cpu", weights_only=True)
+        b = torch.load(killed.train_dir / name, map_location="cpu", weights_only=True)
+        for key in ("model", "ema"):
+            if key in a:
+                assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
