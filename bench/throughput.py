@@ -1,4 +1,5 @@
-"""Throughput of the twin network: training pairs/s and inference ms/image (batch 1 and 256).
+"""Throughput of the twin network: training pairs/s and inference ms/image (batch 1 and 256), and
+batch 1 through the whole predict path (colour constancy, TTA, decision rule: ``predict path``).
 
 Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inputs (the data
 pipeline is not measured: training reads a decoded uint8 cache). Runs on CPU and, when present,
@@ -97,6 +98,42 @@ def bench_infer(cfg, device_name: str, batch: int, iters: int, warmup: int) -> d
             "images_per_s": iters * batch / dt}
 
 
+def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict:
+    """Batch 1 through the shared inference path that predict, pyfunc and evaluate use: the export's
+    colour constancy (``augment.color_constancy``), test-time augmentation (``select.tta``) and a
+    decision rule with per-class offsets, from a uint8 image at the model size to a class index."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from pipeline.core.decision import decision_meta
+    from pipeline.core.inference import predict_batch_uint8, predicted_labels
+
+    ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
+    torch.manual_seed(0)
+    model = inference_model(build_twin(cfg.model, NUM_CLASSES), 0).eval().to(ds.device)
+    s = cfg.augment.image_size
+    meta = {"num_classes": NUM_CLASSES, "tta": cfg.select.tta,
+            "preprocess": {"color_constancy": cfg.augment.color_constancy, "sog_power": cfg.augment.sog_power},
+            "decision": decision_meta(np.linspace(-0.5, 0.5, NUM_CLASSES))}  # fmt: skip
+    exported = SimpleNamespace(model=model, meta=meta)
+    img = np.random.default_rng(0).integers(0, 256, (1, 3, s, s), dtype=np.uint8)
+
+    def once() -> None:
+        with torch.inference_mode():
+            predicted_labels(exported, predict_batch_uint8(exported, img, 1))
+
+    for _ in range(warmup):
+        once()
+    _sync(ds.device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        once()
+    _sync(ds.device)
+    dt = time.perf_counter() - t0
+    return {"device": ds.describe(), "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
+            "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta, "decision": "offsets"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -128,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (1, 256):
             iters = (200 if batch == 1 else 20) if fast else (50 if batch == 1 else 3)
             result["runs"].append({"kind": "infer", **bench_infer(cfg, dev, batch, iters, warmup=10 if fast else 2)})
+        result["runs"].append({"kind": "pipeline", **bench_pipeline_infer(cfg, dev, 200 if fast else 50, warmup=5)})
     print(f"params: train {result['params_train']:,}  inference {result['params_inference']:,}  "
           f"image {result['image_size']}px  torch {result['torch']}  threads {result['cpu_threads']}")
     print(f"{'what':<22}{'device':<30}{'value':>14}")
     for r in result["runs"]:
         if r["kind"] == "train":
             print(f"{'train (batch ' + str(r['batch_pairs']) + ')':<22}{r['device']:<30}{r['pairs_per_s']:>10.1f} pairs/s")
+        elif r["kind"] == "pipeline":
+            what = f"predict path b1 (cc={r['color_constancy']}, tta={r['tta']}, rule)"
+            print(f"{what:<22}\n{'':<22}{r['device']:<30}{r['ms_per_image']:>10.3f} ms/img")
         else:
             print(f"{'infer batch ' + str(r['batch']):<22}{r['device']:<30}{r['ms_per_image']:>10.3f} ms/img")
     write_json(ns.out, result)
