@@ -71,6 +71,9 @@ class SyntheticConfig(_Section):
     # Images per lesion (group_id); >1 gives several views of the same lesion.
     images_per_lesion: int = Field(1, ge=1, le=1000)
     jpeg_quality: int = Field(92, ge=1, le=100)
+    # Acquisition sites (metadata column `dataset`): 1 = "synthetic"; k > 1 = synthetic_1 .. synthetic_k,
+    # assigned round robin by lesion within each class (labels only; the pixels do not change).
+    sites: int = Field(1, ge=1, le=1000)
 
     @field_validator("class_counts")
     @classmethod

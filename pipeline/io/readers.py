@@ -1,7 +1,9 @@
 """Data-source readers and their registry: each source is one decorated function here.
 
 A reader is a function of the data root (and, for CSV-labelled sources, the CSV) returning a table
-with ``image_id, path, label, group_id``; ``path`` is relative to the data root, POSIX style. The
+with ``image_id, path, label, group_id`` (and optionally ``source_site``, the acquisition source of
+each image; blank or absent -> the data source's name, filled in by ingest); ``path`` is relative to
+the data root, POSIX style. The
 ``ingest`` stage (:mod:`pipeline.stages.ingest`) adds per-file facts (``width``, ``height``,
 ``sha256``) and the split and writes the manifest.
 
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 HAM_METADATA = "HAM10000_metadata.csv"
 READER_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "group_id")
+SITE_COLUMN = "source_site"  # optional reader column: where the image was acquired (HAM10000: `dataset`)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -196,7 +199,9 @@ def read_ham10000(root: Path) -> "pd.DataFrame":
     """HAM10000 layout: ``HAM10000_metadata.csv`` + images anywhere below ``root``.
 
     ``label`` = ``dx`` (stripped, lower case); ``group_id`` = ``lesion_id`` when present and not
-    blank, else the image id. An image not found keeps the path ``images/<image_id>.jpg``.
+    blank, else the image id; ``source_site`` = the ``dataset`` column (stripped; blank when the
+    column is absent -- ingest then uses the source's name). An image not found keeps the path
+    ``images/<image_id>.jpg``.
     """
     import numpy as np
     import pandas as pd
@@ -211,12 +216,14 @@ def read_ham10000(root: Path) -> "pd.DataFrame":
     _check_unique(ids, meta_path)
     found = index_images(root)
     lesions = meta["lesion_id"].str.strip() if "lesion_id" in meta.columns else pd.Series("", index=meta.index)
+    sites = meta["dataset"].str.strip() if "dataset" in meta.columns else pd.Series("", index=meta.index)
     return pd.DataFrame(
         {
             "image_id": ids,
             "path": [found.get(i, f"images/{i}.jpg") for i in ids],
             "label": meta["dx"].str.strip().str.lower(),
             "group_id": _blank_to(lesions, ids),
+            SITE_COLUMN: sites,
         }
     )
 

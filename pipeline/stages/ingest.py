@@ -26,7 +26,7 @@ from pipeline.core.splits import assign_splits
 from pipeline.errors import DataError
 from pipeline.io.files import write_table
 from pipeline.io.images import file_facts
-from pipeline.io.readers import READER_COLUMNS, check_source_config, csv_path, data_root
+from pipeline.io.readers import READER_COLUMNS, SITE_COLUMN, check_source_config, csv_path, data_root
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,22 @@ def read_source(cfg: Config) -> tuple[Path, pd.DataFrame]:
     return root, spec.load(root, csv_path(cfg))
 
 
+def with_sites(table: pd.DataFrame, default: str) -> pd.DataFrame:
+    """``table`` with a ``source_site`` column: the reader's value where given and not blank, else
+    ``default`` (the data source's name)."""
+    out = table.copy()
+    given = out[SITE_COLUMN].astype(str).str.strip() if SITE_COLUMN in out.columns else pd.Series("", index=out.index)
+    out[SITE_COLUMN] = given.where(given.str.len() > 0, default)
+    return out
+
+
 def build_manifest(table: pd.DataFrame, root: Path, cfg: Config) -> pd.DataFrame:
-    """Reader table -> full manifest (facts + splits), sorted by ``image_id``."""
-    df = table.loc[:, list(READER_COLUMNS)].astype(str).sort_values("image_id", kind="stable").reset_index(drop=True)
+    """Reader table -> full manifest (facts + splits), sorted by ``image_id``.
+
+    ``source_site`` is the reader's where given, else ``cfg.data.source`` (see :func:`with_sites`)."""
+    table = with_sites(table, cfg.data.source)
+    cols = [*READER_COLUMNS, SITE_COLUMN]
+    df = table.loc[:, cols].astype(str).sort_values("image_id", kind="stable").reset_index(drop=True)
     with ThreadPoolExecutor(max_workers=cfg.data.workers) as pool:
         facts = list(pool.map(file_facts, (root / p for p in df["path"])))
     df["width"] = np.array([f[0] for f in facts], dtype=np.int64)
@@ -59,6 +72,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
         "groups": int(df["group_id"].nunique()),
         "per_label": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
         "per_split": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "per_site": {k: int(v) for k, v in df[SITE_COLUMN].value_counts().sort_index().items()},
         "unreadable": int((df["width"] == 0).sum()),
     }
 
