@@ -41,6 +41,10 @@ class SplitConfig(_Section):
     test: float = Field(0.15, gt=0, lt=1)
     # A class with fewer lesions (groups) than this goes entirely to train.
     min_groups_for_holdout: int = Field(3, ge=3, le=1000)
+    # Source-held-out split: every image of these acquisition sites (manifest column source_site,
+    # e.g. [vidir_modern]) goes to test; the rest is split into train/val with the train/val
+    # fractions renormalised (test is then ignored). [] = the lesion-grouped random split.
+    holdout_sources: list[str] = []
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitConfig":
@@ -48,6 +52,16 @@ class SplitConfig(_Section):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
         return self
+
+    @field_validator("holdout_sources")
+    @classmethod
+    def _site_names(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("site names must not be blank")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"site(s) listed twice: {dup}")
+        return v
 
 
 class DataConfig(_Section):

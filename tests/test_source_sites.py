@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from pipeline.config import SyntheticConfig
 from pipeline.core.schema import MANIFEST_COLUMNS
 from pipeline.core.synthetic import plan, site_of
+from pipeline.errors import DataError
 from pipeline.io.readers import read_ham10000
 from pipeline.stages.ingest import build_manifest, run_ingest, with_sites
 from pipeline.stages.synthesize import run_synthesize
@@ -67,3 +69,19 @@ def test_synthetic_sites_reach_the_manifest(tiny_config):
     manifest = pd.read_parquet(Path(cfg.paths.work_dir) / "data" / "manifest.parquet")
     assert sorted(manifest["source_site"].unique()) == ["synthetic_1", "synthetic_2"]
     assert (manifest.groupby("source_site")["label"].nunique() == 7).all()
+
+
+def test_ingest_holdout_sources(tmp_path: Path, tiny_config):
+    rows = [(f"L{i}", f"IMG_{i:03d}", cls, site)
+            for i, (cls, site) in enumerate((c, s) for s in ("rosendahl", "vidir_modern", "vienna_dias")
+                                            for c in ("nv", "mel", "bkl") for _ in range(4))]  # fmt: skip
+    root = make_ham(tmp_path / "ham", rows)
+    cfg = tiny_config.with_overrides({"data.source": "ham10000", "data.root": str(root),
+                                      "data.split.holdout_sources": ["vidir_modern"]})  # fmt: skip
+    summary = run_ingest(cfg)
+    manifest = pd.read_parquet(Path(cfg.paths.work_dir) / "data" / "manifest.parquet")
+    assert set(manifest.loc[manifest["split"] == "test", "source_site"]) == {"vidir_modern"}
+    assert (manifest.loc[manifest["source_site"] == "vidir_modern", "split"] == "test").all()
+    assert summary["per_split"]["test"] == 12 and summary["per_site"]["vidir_modern"] == 12
+    with pytest.raises(DataError, match=r"unknown source site\(s\) \['vidir_old'\]"):
+        run_ingest(cfg.with_overrides({"data.split.holdout_sources": ["vidir_old"]}))

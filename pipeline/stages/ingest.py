@@ -62,7 +62,9 @@ def build_manifest(table: pd.DataFrame, root: Path, cfg: Config) -> pd.DataFrame
     df["width"] = np.array([f[0] for f in facts], dtype=np.int64)
     df["height"] = np.array([f[1] for f in facts], dtype=np.int64)
     df["sha256"] = [f[2] for f in facts]
-    df["split"] = assign_splits(df["label"].to_numpy(), df["group_id"].to_numpy(), cfg.data.split, cfg.seed)
+    df["split"] = assign_splits(
+        df["label"].to_numpy(), df["group_id"].to_numpy(), cfg.data.split, cfg.seed, df[SITE_COLUMN].to_numpy()
+    )
     return df.loc[:, list(MANIFEST_COLUMNS)]
 
 
