@@ -85,3 +85,97 @@ def test_ingest_holdout_sources(tmp_path: Path, tiny_config):
     assert summary["per_split"]["test"] == 12 and summary["per_site"]["vidir_modern"] == 12
     with pytest.raises(DataError, match=r"unknown source site\(s\) \['vidir_old'\]"):
         run_ingest(cfg.with_overrides({"data.split.holdout_sources": ["vidir_old"]}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several data sources in one run (data.source: multi + data.sources)
+# ---------------------------------------------------------------------------------------------
+def _two_sources(tmp_path: Path) -> tuple[Path, Path]:
+    ham = make_ham(tmp_path / "shared" / "ham", [(f"L{i}", f"IMG_{i:03d}", c, s) for i, (c, s) in enumerate(
+        [(c, s) for s in ("rosendahl", "vidir_modern") for c in ("nv", "mel", "bkl") for _ in range(3)])])
+    # a second HAM-layout folder without a dataset column and one id that collides with the first
+    extra = tmp_path / "shared" / "extra" / "isic"
+    extra.mkdir(parents=True)
+    (extra / "HAM10000_metadata.csv").write_text(
+        "lesion_id,image_id,dx\n" + "".join(f"X{i},{'IMG_000' if i == 0 else f'EXT_{i}'},nv\n" for i in range(4)))
+    for i in range(4):
+        _jpeg(extra / "images" / f"{'IMG_000' if i == 0 else f'EXT_{i}'}.jpg", (200, 40 + 30 * i, 60))
+    return ham, extra
+
+
+def test_multi_source_manifest(tmp_path: Path, tiny_config):
+    ham, extra = _two_sources(tmp_path)
+    cfg = tiny_config.with_overrides({"data.source": "multi", "data.sources": [
+        {"source": "ham10000", "root": str(ham)}, {"source": "ham10000", "root": str(extra), "name": "isic_archive"}]})
+    from pipeline.io.readers import data_root
+
+    assert data_root(cfg) == (tmp_path / "shared").resolve()  # the common root
+    summary = run_ingest(cfg)
+    m = pd.read_parquet(Path(cfg.paths.work_dir) / "data" / "manifest.parquet").set_index("image_id")
+    assert summary["rows"] == 22 and summary["unreadable"] == 0
+    # colliding id prefixed in both entries; paths relative to the common root
+    assert {"ham__IMG_000", "isic_archive__IMG_000"} <= set(m.index) and "IMG_000" not in m.index
+    assert m.loc["ham__IMG_000", "path"] == "ham/images/IMG_000.jpg"
+    assert m.loc["isic_archive__IMG_000", "path"] == "extra/isic/images/IMG_000.jpg"
+    assert m.loc["EXT_1", "source_site"] == "isic_archive"  # no dataset column -> entry name
+    assert m.loc["IMG_005", "source_site"] == "rosendahl"
+    assert summary["per_site"] == {"isic_archive": 4, "rosendahl": 9, "vidir_modern": 9}
+    assert [s["name"] for s in summary["sources"]] == ["ham", "isic_archive"]
+
+
+def test_multi_source_with_holdout_and_validate(tmp_path: Path, tiny_config):
+    ham, extra = _two_sources(tmp_path)
+    cfg = tiny_config.with_overrides({
+        "data.source": "multi", "data.split.holdout_sources": ["vidir_modern"], "validate.min_train_per_class": 1,
+        "data.sources": [{"source": "ham10000", "root": str(ham)}, {"source": "ham10000", "root": str(extra)}]})
+    run_ingest(cfg)
+    m = pd.read_parquet(Path(cfg.paths.work_dir) / "data" / "manifest.parquet")
+    assert set(m.loc[m["split"] == "test", "source_site"]) == {"vidir_modern"}
+    from pipeline.core.checks import build_tables
+    from pipeline.io.imagefacts import gather_facts
+    from pipeline.io.readers import data_root
+
+    facts = gather_facts(m, data_root(cfg), cfg.validate_cfg)
+    images = build_tables(facts)["images"]
+    assert images["exists"].all() and images["inside_root"].all() and images["decodes"].all()
+
+
+def test_multi_source_config_rules(tmp_path: Path):
+    from conftest import ROOT
+
+    from pipeline.app.params import load_params
+    from pipeline.config import ConfigError
+
+    params = ROOT / "params.yaml"
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].source: unknown source 'clinic'"):
+        load_params(params, {"data.source": "multi", "data.sources": [
+            {"source": "ham10000", "root": "a"}, {"source": "clinic", "root": "b"}]})
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].csv: must be set for source 'isic_csv'"):
+        load_params(params, {"data.source": "multi", "data.sources": [{"source": "isic_csv", "root": "a"}]})
+    with pytest.raises(ConfigError, match="data.source: must be 'multi' when data.sources is set"):
+        load_params(params, {"data.sources": [{"source": "ham10000", "root": "a"}]})
+    with pytest.raises(ConfigError, match="data.root: must be null with data.source='multi'"):
+        load_params(params, {"data.source": "multi", "data.root": "x", "data.sources": [{"source": "ham10000", "root": "a"}]})
+    with pytest.raises(ConfigError, match=r"entry name\(s\) \['x'\] used twice"):
+        load_params(params, {"data.source": "multi", "data.sources": [
+            {"source": "ham10000", "root": "a/x"}, {"source": "ham10000", "root": "b/x"}]})
+    # relative roots and csvs are relative to the params file's folder, like data.root
+    cfg = load_params(params, {"data.source": "multi", "data.sources": [
+        {"source": "isic_csv", "root": "d/isic", "csv": "gt.csv"}]})
+    assert cfg.data.sources[0].root == str(ROOT / "d" / "isic") and cfg.data.sources[0].csv == str(ROOT / "gt.csv")
+
+
+def test_multi_source_dvc_deps_and_provenance(tmp_path: Path, tiny_config):
+    from pipeline.app.dvcgen import data_deps
+    from pipeline.layout import Layout
+
+    ham, extra = _two_sources(tmp_path)
+    cfg = tiny_config.with_overrides({"data.source": "multi", "data.sources": [
+        {"source": "ham10000", "root": str(ham)}, {"source": "ham10000", "root": str(extra), "name": "isic"}]})
+    assert data_deps(cfg, tmp_path, Layout.from_config(cfg)) == ["shared/ham", "shared/extra/isic"]
+    from pipeline.io.provenance import TAG, lineage_tags
+
+    tags = lineage_tags(cfg, project_root=tmp_path)
+    assert tags[f"{TAG}data_source"] == "multi" and tags[f"{TAG}data_root"] == str((tmp_path / "shared").resolve())
+    assert tags[f"{TAG}data_roots"] == f"ham=ham10000:{ham}; isic=ham10000:{extra}"
+    assert f"{TAG}data_roots" not in lineage_tags(tiny_config, project_root=tmp_path)  # one source: as before

@@ -26,15 +26,18 @@ from pipeline.core.splits import assign_splits
 from pipeline.errors import DataError
 from pipeline.io.files import write_table
 from pipeline.io.images import file_facts
-from pipeline.io.readers import READER_COLUMNS, SITE_COLUMN, check_source_config, csv_path, data_root
+from pipeline.io.readers import MULTI, READER_COLUMNS, SITE_COLUMN, check_source_config, csv_path, data_root, read_entries
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
 def read_source(cfg: Config) -> tuple[Path, pd.DataFrame]:
-    """(data root, reader table) for ``cfg.data.source``."""
+    """(data root, reader table) for ``cfg.data.source``; for ``multi`` the entries of
+    ``data.sources`` concatenated below their common root (:func:`pipeline.io.readers.read_entries`)."""
     spec = check_source_config(cfg)
+    if spec is MULTI:
+        return read_entries(cfg)
     root = data_root(cfg)
     if spec.generated and not root.is_dir():
         raise DataError(f"{root}: {spec.name} data set not found (run `python -m pipeline synthesize` first)")
@@ -85,6 +88,8 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     out = Layout.from_config(cfg).manifest
     write_table(out, manifest)
     summary = {"source": cfg.data.source, "root": str(root), "manifest": str(out), **summarize(manifest)}
+    if cfg.data.sources:
+        summary["sources"] = [{"name": e.label, "source": e.source, "root": e.root} for e in cfg.data.sources]
     if summary["unreadable"]:
         log.warning("ingest: %d image(s) missing or unreadable (validate reports them)", summary["unreadable"])
     log.info("ingest: %d rows, %d groups -> %s", summary["rows"], summary["groups"], out)
