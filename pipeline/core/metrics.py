@@ -14,6 +14,12 @@ scikit-learn computes every number; this wrapper fixes the conventions the proje
 * ``ece`` is the expected calibration error of the top-label confidence over
   :data:`ECE_BINS` equal-width bins: ``sum_b n_b / N * |accuracy_b - mean confidence_b|``
   (Guo et al. 2017); 0 is perfectly calibrated.
+* **Subsets with only some classes** (one acquisition source, an external test set such as
+  Derm7pt without akiec): :func:`per_group_metrics` applies the same conventions to each subset,
+  so ``balanced_accuracy`` is the mean recall over the classes *present in that subset*,
+  ``macro_auc`` averages the classes with both positives and negatives *in that subset* (NaN when
+  none has), and ``recall`` lists the present classes only. The model still chooses among all its
+  classes: a prediction of a class the subset lacks counts as an error (nothing is renormalised).
 """
 
 from __future__ import annotations
@@ -111,6 +117,38 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
         out[f"auc_{name}"] = float(aucs[c])
         out[f"support_{name}"] = int(support[c])
     return out
+
+
+SUBSET_KEYS: tuple[str, ...] = ("n", "balanced_accuracy", "accuracy", "macro_auc", "ece")
+
+
+def subset_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """The headline metrics of one subset (see the module docstring on absent classes):
+    ``n``, ``balanced_accuracy``, ``accuracy``, ``macro_auc``, ``ece``, ``classes_present``,
+    ``recall`` (present class -> recall) and ``confusion_matrix`` (rows true, columns predicted,
+    in ``classes`` order)."""
+    classes = list(classes)
+    y, p = _check(y_true, probs, len(classes))
+    m = classification_metrics(y, p, classes)
+    present = [c for c in classes if m[f"support_{c}"] > 0]
+    return {
+        "n": int(y.size),
+        **{k: m[k] for k in SUBSET_KEYS if k != "n"},
+        "classes_present": present,
+        "recall": {c: m[f"recall_{c}"] for c in present},
+        "confusion_matrix": confusion_matrix(y, p.argmax(axis=1), len(classes)).tolist(),
+    }
+
+
+def per_group_metrics(
+    y_true: np.ndarray, probs: np.ndarray, groups: Sequence[str] | np.ndarray, classes: Sequence[str] = CLASSES
+) -> dict[str, dict[str, Any]]:
+    """group (e.g. acquisition source) -> :func:`subset_metrics` of its rows, groups sorted by name."""
+    y, p = _check(y_true, probs, len(list(classes)))
+    g = np.asarray([str(x) for x in groups])
+    if g.shape[0] != y.shape[0]:
+        raise ValueError(f"groups ({g.shape[0]}) and y_true ({y.shape[0]}) differ in length")
+    return {name: subset_metrics(y[g == name], p[g == name], classes) for name in sorted(set(g.tolist()))}
 
 
 def roc_curves(
