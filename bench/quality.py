@@ -172,9 +172,10 @@ def data_overrides(ham: Path, extra: Path | None) -> dict[str, object]:
     }  # fmt: skip
 
 
-def model_report(y, probs, sites, extra_sites: tuple[str, ...] = ()) -> dict:
+def model_report(y, probs, sites, extra_sites: tuple[str, ...] = (), y_pred=None) -> dict:
     """Test metrics of one model: overall (with ECE and the confusion matrix), per source, and --
-    when extra training sources are present -- ``ham_only`` over the rows of the other sources."""
+    when extra training sources are present -- ``ham_only`` over the rows of the other sources.
+    ``y_pred``: labels of a decision rule (default arg-max)."""
     import numpy as np
 
     from pipeline.core.evaluation import detail_report
@@ -182,20 +183,30 @@ def model_report(y, probs, sites, extra_sites: tuple[str, ...] = ()) -> dict:
     from pipeline.labels import CLASSES
 
     sites = np.asarray([str(s) for s in sites])
-    rep = detail_report(CLASSES, subset_metrics(y, probs), per_group_metrics(y, probs, sites))
+    pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
+    rep = detail_report(CLASSES, subset_metrics(y, probs, y_pred=pred), per_group_metrics(y, probs, sites, y_pred=pred))
     keep = ~np.isin(sites, list(extra_sites))
     if extra_sites and keep.any():
-        rep["ham_only"] = detail_report(CLASSES, subset_metrics(y[keep], probs[keep]), {})["overall"]
+        rep["ham_only"] = detail_report(CLASSES, subset_metrics(y[keep], probs[keep], y_pred=pred[keep]), {})["overall"]
     return rep
 
 
-def external_report(y, probs) -> dict:
+def external_report(y, probs, y_pred=None) -> dict:
     """Metrics on the external set (over the classes it has; see pipeline.core.metrics)."""
     from pipeline.core.evaluation import detail_report
     from pipeline.core.metrics import subset_metrics
     from pipeline.labels import CLASSES
 
-    return detail_report(CLASSES, subset_metrics(y, probs), {})["overall"]
+    return detail_report(CLASSES, subset_metrics(y, probs, y_pred=y_pred), {})["overall"]
+
+
+def decision_labels(exported, probs):
+    """The export's decision-rule labels where the pipeline has one (``predicted_labels``), else arg-max."""
+    try:
+        from pipeline.core.inference import predicted_labels
+    except ImportError:  # no decision rule in this version of the pipeline
+        return probs.argmax(axis=1)
+    return predicted_labels(exported, probs)
 
 
 def _f(v, width: int = 6) -> str:
@@ -297,9 +308,9 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
     from pipeline.io.imagecache import load_image_cache
     from pipeline.io.modelstore import load_exported
     from pipeline.io.scoring import load_images
+    from pipeline.io.site_metrics import sites_of
     from pipeline.labels import CLASS_TO_INDEX, CLASSES
     from pipeline.layout import Layout
-    from pipeline.stages.evaluate import test_sites
 
     layout = Layout.from_config(cfg)
     t0 = time.perf_counter()
@@ -308,7 +319,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
     man = pd.read_parquet(layout.augmented_manifest)
     test = man[man["split"] == "test"].sort_values("image_id").reset_index(drop=True)
     y_te = test["label"].map(CLASS_TO_INDEX).to_numpy()
-    sites = test_sites(test, layout)
+    sites = sites_of(test, layout)
     exported = load_exported(layout.export_dir)
     size = cfg.augment.image_size
 
@@ -325,10 +336,13 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         ext_y = external["label"].map(CLASS_TO_INDEX).to_numpy()
     metrics = json.loads(layout.metrics.read_text())
     twin_probs = predict_batch_uint8(exported, x_te, cfg.evaluate.batch_size)
+    twin_ext = None
+    if ext_x is not None:
+        ext_probs = predict_batch_uint8(exported, ext_x, cfg.evaluate.batch_size)
+        twin_ext = external_report(ext_y, ext_probs, decision_labels(exported, ext_probs))
     models = {"twin": {
-        "test": model_report(y_te, twin_probs, sites, extra_sites),
-        "external": external_report(ext_y, predict_batch_uint8(exported, ext_x, cfg.evaluate.batch_size))
-        if ext_x is not None else None,
+        "test": model_report(y_te, twin_probs, sites, extra_sites, decision_labels(exported, twin_probs)),
+        "external": twin_ext,
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
     }}  # fmt: skip

@@ -94,3 +94,15 @@ def test_evaluate_writes_per_source_metrics(tmp_path: Path):
     a = detail["per_source"]["clinic_a"]
     assert a["balanced_accuracy"] == pytest.approx(metrics["site_clinic_a_balanced_accuracy"])
     assert set(a["recall"]) == set(CLASSES)
+
+
+def test_decision_rule_labels_drive_the_label_metrics():
+    y = np.array([0, 0, 1, 1])
+    probs = _onehot([0, 0, 0, 0], conf=0.6)
+    by_argmax = subset_metrics(y, probs, C3)
+    ruled = per_group_metrics(y, probs, ["s"] * 4, C3, y_pred=np.array([0, 0, 1, 0]))["s"]
+    assert by_argmax["balanced_accuracy"] == pytest.approx(0.5)
+    assert ruled["balanced_accuracy"] == pytest.approx(0.75) and ruled["confusion_matrix"][1] == [1, 1, 0]
+    assert ruled["macro_auc"] == by_argmax["macro_auc"] and ruled["ece"] == by_argmax["ece"]  # from probabilities
+    with pytest.raises(ValueError, match="y_pred has 3 labels for 4 samples"):
+        subset_metrics(y, probs, C3, y_pred=np.array([0, 0, 1]))

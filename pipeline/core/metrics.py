@@ -122,33 +122,56 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
 SUBSET_KEYS: tuple[str, ...] = ("n", "balanced_accuracy", "accuracy", "macro_auc", "ece")
 
 
-def subset_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+def subset_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, y_pred: np.ndarray | None = None
+) -> dict[str, Any]:
     """The headline metrics of one subset (see the module docstring on absent classes):
     ``n``, ``balanced_accuracy``, ``accuracy``, ``macro_auc``, ``ece``, ``classes_present``,
     ``recall`` (present class -> recall) and ``confusion_matrix`` (rows true, columns predicted,
-    in ``classes`` order)."""
+    in ``classes`` order). ``y_pred``: labels of a decision rule other than arg-max (the label
+    metrics use them; AUC and ECE the probabilities)."""
     classes = list(classes)
-    y, p = _check(y_true, probs, len(classes))
-    m = classification_metrics(y, p, classes)
-    present = [c for c in classes if m[f"support_{c}"] > 0]
+    n = len(classes)
+    y, p = _check(y_true, probs, n)
+    if y.size == 0:
+        raise ValueError("no samples")
+    pred = p.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"y_pred has {pred.size} labels for {y.size} samples")
+    cm = confusion_matrix(y, pred, n)
+    support = cm.sum(axis=1)
+    present = [c for c in range(n) if support[c] > 0]
+    recall = {classes[c]: float(cm[c, c] / support[c]) for c in present}
+    m = classification_metrics(y, p, classes)  # AUC and ECE: from the probabilities only
     return {
         "n": int(y.size),
-        **{k: m[k] for k in SUBSET_KEYS if k != "n"},
-        "classes_present": present,
-        "recall": {c: m[f"recall_{c}"] for c in present},
-        "confusion_matrix": confusion_matrix(y, p.argmax(axis=1), len(classes)).tolist(),
+        "balanced_accuracy": float(np.mean(list(recall.values()))),
+        "accuracy": float(np.trace(cm) / y.size),
+        "macro_auc": m["macro_auc"],
+        "ece": m["ece"],
+        "classes_present": [classes[c] for c in present],
+        "recall": recall,
+        "confusion_matrix": cm.tolist(),
     }
 
 
 def per_group_metrics(
-    y_true: np.ndarray, probs: np.ndarray, groups: Sequence[str] | np.ndarray, classes: Sequence[str] = CLASSES
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    classes: Sequence[str] = CLASSES,
+    y_pred: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """group (e.g. acquisition source) -> :func:`subset_metrics` of its rows, groups sorted by name."""
     y, p = _check(y_true, probs, len(list(classes)))
     g = np.asarray([str(x) for x in groups])
     if g.shape[0] != y.shape[0]:
         raise ValueError(f"groups ({g.shape[0]}) and y_true ({y.shape[0]}) differ in length")
-    return {name: subset_metrics(y[g == name], p[g == name], classes) for name in sorted(set(g.tolist()))}
+    pred = None if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    return {
+        name: subset_metrics(y[g == name], p[g == name], classes, None if pred is None else pred[g == name])
+        for name in sorted(set(g.tolist()))
+    }
 
 
 def roc_curves(

@@ -12,17 +12,17 @@ Writes
 * ``reports/plots/``: ``confusion_matrix.png``, ``roc.png`` and the DVC plot data ``confusion.csv``
   (``actual,predicted`` per test image). The training curves are plotted by DVC straight from
   ``models/train/history.csv`` (declared in the stage table), not copied here.
+* per acquisition source (the validated manifest's ``source_site`` of each test image's original,
+  :mod:`pipeline.io.site_metrics`): ``site_<site>_<n|balanced_accuracy|accuracy|macro_auc|ece>`` in
+  ``metrics.json``, and ``reports/metrics_detail.json`` with per-class recall (classes present)
+  and the confusion matrix, overall and per source (metrics over only the classes a source has,
+  see :mod:`pipeline.core.metrics`).
 * ``reports/cam/``: up to ``evaluate.cam_per_class`` CAM overlays per class for correct and for
   wrong predictions, ``<cls>_<correct|wrong>_<image_id>.png``, and ``grid.png`` with all of them:
   per true class the most confident correct and the most confident wrong predictions
   (:func:`pipeline.core.evaluation.select_cam_samples`).
 * ``reports/predictions_test.csv``: ``image_id, label, predicted, correct`` and one probability
   column per class.
-* per acquisition source (the validated manifest's ``source_site`` of each test image's
-  original): ``site_<site>_<n|balanced_accuracy|accuracy|macro_auc|ece>`` in ``metrics.json``,
-  and ``reports/metrics_detail.json`` with per-class recall (classes present) and the confusion
-  matrix, overall and per source (:func:`pipeline.core.metrics.per_group_metrics`; metrics over
-  only the classes a source has, see :mod:`pipeline.core.metrics`).
 """
 
 from __future__ import annotations
@@ -37,17 +37,18 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.cam import overlay
-from pipeline.core.evaluation import detail_report, flat_metrics, select_cam_samples, site_flat_metrics
+from pipeline.core.evaluation import flat_metrics, select_cam_samples
 from pipeline.core.inference import Model, cam_of
-from pipeline.core.metrics import confusion_matrix, per_group_metrics, subset_metrics
+from pipeline.core.metrics import confusion_matrix
 from pipeline.core.plots import confusion_png, grid_png, roc_png
 from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.io.files import atomic_dir, write_json, write_table
-from pipeline.io.manifests import UNKNOWN_SITE, read_manifest, read_parquet, split_rows
+from pipeline.io.manifests import read_parquet, split_rows
 from pipeline.io.modelstore import load_exported
 from pipeline.io.overlays import save_overlay_png
 from pipeline.io.scoring import label_index, load_images, score_model
+from pipeline.io.site_metrics import write_site_metrics
 from pipeline.labels import CLASSES
 from pipeline.layout import Layout
 
@@ -76,16 +77,6 @@ def write_cam_samples(
         tiles.append((overlay(img, cam, alpha), f"{CLASSES[c]} -> {CLASSES[pred]} ({float(p[pred]):.2f})"))
     (folder / "grid.png").write_bytes(grid_png(tiles))
     return names
-
-
-def test_sites(test: pd.DataFrame, layout: Layout) -> np.ndarray:
-    """``source_site`` of each augmented test row (via its ``source_id`` in the validated manifest;
-    ``unknown`` when the manifest is absent or lacks the image)."""
-    if not layout.validated_manifest.is_file():
-        return np.full(len(test), UNKNOWN_SITE, dtype=object)
-    manifest = read_manifest(layout.validated_manifest, produced_by="validate")
-    site = dict(zip(manifest["image_id"].astype(str), manifest["source_site"].astype(str), strict=True))
-    return np.array([site.get(str(i), UNKNOWN_SITE) for i in test["source_id"]], dtype=object)
 
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
@@ -121,14 +112,9 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     pred_df.insert(0, "image_id", ids)
     write_table(layout.predictions, pred_df)
 
-    per_site = per_group_metrics(y_true, probs, test_sites(test, layout), exported.classes)
-    flat = {**flat_metrics(metrics, exported.meta, len(test)), **site_flat_metrics(per_site)}
+    flat = flat_metrics(metrics, exported.meta, len(test))
+    flat.update(write_site_metrics(layout, test, y_true, probs, exported.classes, y_pred))
     write_json(layout.metrics, flat)
-    write_json(layout.metrics_detail, detail_report(exported.classes, subset_metrics(y_true, probs, exported.classes),
-                                                    per_site))  # fmt: skip
-    for site, m in per_site.items():
-        log.info("test %s: n %d, balanced accuracy %.4f, accuracy %.4f", site, m["n"], m["balanced_accuracy"],
-                 m["accuracy"])  # fmt: skip
     log.info(
         "test: accuracy %.4f, balanced accuracy %.4f, macro AUC %s on %d images (branch %s)",
         flat.get("accuracy") or 0.0, flat.get("balanced_accuracy") or 0.0, flat.get("macro_auc"), len(test),
