@@ -71,7 +71,9 @@ def test_skips_without_data(tmp_path: Path, capsys):
     assert table is None and "not available" in reason
 
 
+@pytest.mark.slow
 def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
+    """Both splits x (HAM alone, with the extra source) x three models: about 45 s on 2 idle CPU cores."""
     from pipeline.stages.synthesize import write_dataset
 
     write_dataset(tmp_path / "ham", SyntheticConfig(images_per_class=6, image_size=40, sites=2), seed=1)
