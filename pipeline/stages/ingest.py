@@ -26,7 +26,15 @@ from pipeline.core.splits import assign_splits
 from pipeline.errors import DataError
 from pipeline.io.files import write_table
 from pipeline.io.images import file_facts
-from pipeline.io.readers import MULTI, READER_COLUMNS, SITE_COLUMN, check_source_config, csv_path, data_root, read_entries
+from pipeline.io.readers import (
+    MULTI,
+    READER_COLUMNS,
+    SITE_COLUMN,
+    check_source_config,
+    csv_path,
+    data_root,
+    read_entries,
+)
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
