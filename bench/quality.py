@@ -1,20 +1,31 @@
-"""Quality benchmark: the twin model on real HAM10000 images next to two baselines.
+"""Quality benchmark: the twin model next to two baselines, on two splits, with an external test.
 
-    .venv/bin/python bench/quality.py [--data ../shared/data/ham10000-224] [--set key=value ...]
+    .venv/bin/python bench/quality.py [--splits random,holdout] [--holdout vidir_modern] [--with-isic]
+                                      [--quick] [--data DIR] [--external DIR] [--isic DIR] [--set key=value ...]
 
-Runs the pipeline's own stages (ingest → validate → augment → pairs → train → select → evaluate)
-with ``data.source=ham10000`` on the given folder into ``bench/results/quality/``, then trains, on
-the **same** lesion-grouped split and the same augmented train images, two baselines:
+For each chosen **split** -- ``random``: the lesion-grouped, stratified random split; ``holdout``:
+``data.split.holdout_sources`` = ``--holdout`` (default ``vidir_modern``, a whole HAM10000 source as
+the test set) -- it runs the pipeline's own stages (ingest → validate → augment → pairs → train →
+select → evaluate) on ``--data`` (default ``../shared/data/ham10000-224``) into
+``bench/results/quality/<training data>-<split>/``, then trains, on the **same** split and the same
+augmented train images, two baselines:
 
 * ``single_branch_ce`` — the same backbone (extractor + one branch, :func:`build_inference`) as a
   plain classifier with cross-entropy, same epochs/optimizer/schedule (does twin training help?);
 * ``mobilenet_v3_small`` — torchvision MobileNetV3-Small from scratch (no downloaded weights).
 
-Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2). All three are
-scored on the test split with :func:`pipeline.core.metrics.classification_metrics`. Results: a table
-on stdout and ``bench/results/quality.json`` (balanced accuracy, accuracy, macro AUC, parameter
-counts, wall-clock seconds). Targets for the twin model (issue 3): BA ≥ 0.70, macro AUC ≥ 0.94,
-inference model ≤ 1.0 M params, ≤ 30 min on a 2-core CPU.
+Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2). Every model is
+scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matrix and the same per
+acquisition source (:func:`pipeline.core.metrics.per_group_metrics`) -- and on the **external**
+test set ``--external`` (default ``../shared/data/derm7pt-384``; never trained or selected on;
+metrics over the classes it has, i.e. six without akiec), skipped with a reason when absent.
+``--with-isic`` runs every split twice: on HAM10000 alone and with ``--isic`` (default
+``../shared/data/isic-archive-512``) added to the training sources (``data.source: multi``);
+``ham_only`` then gives the test metrics over the HAM10000 sources only, comparable across both.
+``--quick`` is a smoke run (few epochs, small images, a stratified subsample of the manifest and
+of the external set). Results: tables on stdout and ``bench/results/quality.json``. Targets for the
+twin model (issue 12): BA ≥ 0.72 on the random split; report the source-held-out and external
+figures next to it.
 """
 
 from __future__ import annotations
@@ -112,26 +123,156 @@ def _probs(model, x) -> np.ndarray:
     return np.concatenate(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000-224"))
-    ap.add_argument("--work", default=str(ROOT / "bench" / "results" / "quality"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
-    ap.add_argument("--skip-baselines", action="store_true")
-    ns = ap.parse_args(argv)
-    data = Path(ns.data)
-    if not (data / "HAM10000_metadata.csv").is_file():
-        print(f"skip: {data} has no HAM10000_metadata.csv (real data not available here)")
-        return 0
+SPLIT_MODES: tuple[str, ...] = ("random", "holdout")
+BASELINES: tuple[str, ...] = ("single_branch_ce", "mobilenet_v3_small")
+# --quick: a smoke run of every code path in minutes (not a measurement).
+QUICK_OVERRIDES: dict[str, object] = {
+    "augment.image_size": 32,
+    "augment.max_copies": 4,
+    "pairs.epochs": 2,
+    "train.epochs": 2,
+    "evaluate.cam_per_class": 0,
+}
+QUICK_ROWS = 1200  # manifest rows kept by --quick (stratified by split and label)
+QUICK_EXTERNAL = 300  # external images scored by --quick
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
-    import torch
-    import torchvision
 
-    from pipeline.config import load_config, parse_override
-    from pipeline.core.metrics import classification_metrics
-    from pipeline.core.model import build_inference, count_parameters
-    from pipeline.io.imagecache import load_image_cache
-    from pipeline.labels import CLASS_TO_INDEX
+# ----------------------------------------------------------------------------- pure parts
+def stratified_sample(df, n: int, seed: int, by: tuple[str, ...] = ("split", "label")):
+    """About ``n`` rows of ``df``, the same fraction of every ``by`` stratum (at least 2 rows of a
+    stratum that has them), seeded; the whole table when it has at most ``n`` rows."""
+    import pandas as pd
+
+    if len(df) <= n:
+        return df
+    frac = n / len(df)
+    parts = []
+    for _, g in df.groupby(list(by), sort=True):
+        k = min(len(g), max(2, round(len(g) * frac)))
+        parts.append(g.sample(n=k, random_state=seed))
+    return pd.concat(parts).sort_index()
+
+
+def split_overrides(mode: str, holdout: list[str]) -> dict[str, object]:
+    """The ``data.split`` overrides of one split mode."""
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"unknown split {mode!r}; choose from {list(SPLIT_MODES)}")
+    return {"data.split.holdout_sources": list(holdout) if mode == "holdout" else []}
+
+
+def data_overrides(ham: Path, extra: Path | None) -> dict[str, object]:
+    """Training data: HAM10000 alone (``data.source: ham10000``) or with ``extra`` (``multi``)."""
+    if extra is None:
+        return {"data.source": "ham10000", "data.root": str(ham.resolve()), "data.sources": []}
+    return {
+        "data.source": "multi", "data.root": None, "data.csv": None,
+        "data.sources": [{"source": "ham10000", "root": str(ham.resolve()), "name": "ham10000"},
+                         {"source": "ham10000", "root": str(extra.resolve()), "name": "isic_archive"}],
+    }  # fmt: skip
+
+
+def model_report(y, probs, sites, extra_sites: tuple[str, ...] = (), y_pred=None) -> dict:
+    """Test metrics of one model: overall (with ECE and the confusion matrix), per source, and --
+    when extra training sources are present -- ``ham_only`` over the rows of the other sources.
+    ``y_pred``: labels of a decision rule (default arg-max)."""
+    import numpy as np
+
+    from pipeline.core.evaluation import detail_report
+    from pipeline.core.metrics import per_group_metrics, subset_metrics
+    from pipeline.labels import CLASSES
+
+    sites = np.asarray([str(s) for s in sites])
+    pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
+    rep = detail_report(CLASSES, subset_metrics(y, probs, y_pred=pred), per_group_metrics(y, probs, sites, y_pred=pred))
+    keep = ~np.isin(sites, list(extra_sites))
+    if extra_sites and keep.any():
+        rep["ham_only"] = detail_report(CLASSES, subset_metrics(y[keep], probs[keep], y_pred=pred[keep]), {})["overall"]
+    return rep
+
+
+def external_report(y, probs, y_pred=None) -> dict:
+    """Metrics on the external set (over the classes it has; see pipeline.core.metrics)."""
+    from pipeline.core.evaluation import detail_report
+    from pipeline.core.metrics import subset_metrics
+    from pipeline.labels import CLASSES
+
+    return detail_report(CLASSES, subset_metrics(y, probs, y_pred=y_pred), {})["overall"]
+
+
+def decision_labels(exported, probs):
+    """The export's decision-rule labels where the pipeline has one (``predicted_labels``), else arg-max."""
+    try:
+        from pipeline.core.inference import predicted_labels
+    except ImportError:  # no decision rule in this version of the pipeline
+        return probs.argmax(axis=1)
+    return predicted_labels(exported, probs)
+
+
+def _f(v, width: int = 6) -> str:
+    return f"{v:>{width}.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{width}}"
+
+
+def format_tables(runs: list[dict]) -> str:
+    """The stdout report of :func:`run_split` results: headline table, per-source table, confusion
+    matrices (rows true class, columns predicted, class order as in pipeline.labels)."""
+    from pipeline.labels import CLASSES
+
+    header = (f"{'split':<9} {'train data':<13} {'model':<19} {'BA':>6} {'acc':>6} {'mAUC':>6} {'ECE':>6} "
+              f"{'HAM BA':>6} {'ext BA':>6} {'ext acc':>7} {'ext mAUC':>8} {'params':>9} {'sec':>6}")  # fmt: skip
+    lines = [header]
+    for run in runs:
+        for name, r in run["models"].items():
+            o, ext = r["test"]["overall"], r.get("external") or {}
+            ham = r["test"].get("ham_only", {}).get("balanced_accuracy")
+            lines.append(
+                f"{run['split']:<9} {run['train_data']:<13} {name:<19} {_f(o['balanced_accuracy'])} {_f(o['accuracy'])} "
+                f"{_f(o['macro_auc'])} {_f(o['ece'])} {_f(ham)} {_f(ext.get('balanced_accuracy'))} "
+                f"{_f(ext.get('accuracy'), 7)} {_f(ext.get('macro_auc'), 8)} {r['params_inference']:>9,} "
+                f"{r['seconds']:>6.0f}"
+            )
+    lines += ["", f"{'split':<9} {'train data':<13} {'model':<19} {'source':<14} {'n':>5} {'BA':>6} {'acc':>6} {'mAUC':>6}"]
+    for run in runs:
+        for name, r in run["models"].items():
+            for site, m in r["test"]["per_source"].items():
+                lines.append(f"{run['split']:<9} {run['train_data']:<13} {name:<19} {site:<14} {m['n']:>5} "
+                             f"{_f(m['balanced_accuracy'])} {_f(m['accuracy'])} {_f(m['macro_auc'])}")  # fmt: skip
+    lines += ["", "confusion matrices (test split; rows = true, columns = predicted: " + " ".join(CLASSES) + ")"]
+    for run in runs:
+        for name, r in run["models"].items():
+            cm = r["test"]["overall"]["confusion_matrix"]
+            lines.append(f"{run['split']} / {run['train_data']} / {name}:")
+            lines += [f"  {c:>5} " + " ".join(f"{v:>5}" for v in row) for c, row in zip(CLASSES, cm, strict=True)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- IO parts
+def read_external(root: Path, limit: int | None, seed: int):
+    """(table of the external set with known labels, None) or (None, reason to skip)."""
+    from pipeline.errors import DataError
+    from pipeline.io.readers import HAM_METADATA, read_ham10000
+    from pipeline.labels import CLASSES
+
+    if not (root / HAM_METADATA).is_file():
+        return None, f"{root}: no {HAM_METADATA} (external test set not available here)"
+    try:
+        df = read_ham10000(root)
+    except DataError as exc:
+        return None, f"{root}: {exc}"
+    readable = np.array([(root / p).is_file() for p in df["path"]], dtype=bool)
+    df = df[df["label"].isin(CLASSES).to_numpy() & readable].reset_index(drop=True)
+    if df.empty:
+        return None, f"{root}: no readable images with known labels"
+    if limit:
+        df = stratified_sample(df.assign(split="all"), limit, seed).reset_index(drop=True)
+    return df, None
+
+
+def run_pipeline(cfg, rows: int | None) -> dict[str, float]:
+    """The pipeline's stages on ``cfg`` (``rows``: keep a stratified subsample of the manifest)."""
+    import pandas as pd
+
+    from pipeline.io.files import write_table
     from pipeline.layout import Layout
     from pipeline.stages.augment import run_augment
     from pipeline.stages.evaluate import run_evaluate
@@ -141,91 +282,173 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.stages.train import run_train
     from pipeline.stages.validate import run_validate
 
-    overrides = dict(BENCH_OVERRIDES)
-    overrides.update({"data.source": "ham10000", "data.root": str(data.resolve()), "paths.work_dir": ns.work})
-    overrides.update(dict(parse_override(o) for o in ns.overrides))
-    cfg = load_config(ROOT / "params.yaml", overrides)
-    layout = Layout.from_config(cfg)
     times: dict[str, float] = {}
-
-    t_all = time.perf_counter()
-    for name, fn in [
-        ("ingest", run_ingest),
-        ("validate", run_validate),
-        ("augment", run_augment),
-        ("pairs", run_pairs),
-        ("train", run_train),
-        ("select", run_select),
-        ("evaluate", run_evaluate),
-    ]:
+    for name, fn in [("ingest", run_ingest), ("validate", run_validate), ("augment", run_augment),
+                     ("pairs", run_pairs), ("train", run_train), ("select", run_select), ("evaluate", run_evaluate)]:
         t0 = time.perf_counter()
         print(f"[quality] {name} ...", flush=True)
         fn(cfg)
+        if name == "ingest" and rows:
+            path = Layout.from_config(cfg).manifest
+            write_table(path, stratified_sample(pd.read_parquet(path), rows, cfg.seed).reset_index(drop=True))
         times[name] = round(time.perf_counter() - t0, 1)
-    twin_seconds = round(time.perf_counter() - t_all, 1)
-    twin = json.loads(layout.metrics.read_text())
-    results = {
-        "twin": {
-            "balanced_accuracy": twin["balanced_accuracy"],
-            "accuracy": twin["accuracy"],
-            "macro_auc": twin["macro_auc"],
-            "params_inference": twin["params_inference"],
-            "params_train": twin["params_train"],
-            "selected_branch": twin["selected_branch"],
-            "seconds_end_to_end": twin_seconds,
-        }
-    }
+    return times
 
-    if not ns.skip_baselines:
-        import pandas as pd
 
-        man = pd.read_parquet(layout.augmented_manifest)
-        size = cfg.augment.image_size
+def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[str, ...], rows: int | None,
+              baselines: bool) -> dict:
+    """One split: the twin through the pipeline, the baselines on the same augmented images; every
+    model on the test split and the external set."""
+    import pandas as pd
+    import torch
+    import torchvision
 
-        def arrays(split: str):
-            df = man[man["split"] == split].sort_values("image_id")
-            paths = [layout.augmented_dir / p for p in df["path"]]
-            cache = load_image_cache(list(df["image_id"]), paths, size, layout.cache_dir, name=f"bench_{split}",
-                                     workers=cfg.evaluate.cache_workers)
-            return cache.array, df["label"].map(CLASS_TO_INDEX).to_numpy()
+    from pipeline.core.inference import predict_batch_uint8
+    from pipeline.core.model import build_inference, count_parameters
+    from pipeline.io.imagecache import load_image_cache
+    from pipeline.io.modelstore import load_exported
+    from pipeline.io.scoring import load_images
+    from pipeline.io.site_metrics import sites_of
+    from pipeline.labels import CLASS_TO_INDEX, CLASSES
+    from pipeline.layout import Layout
 
-        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = arrays("train"), arrays("val"), arrays("test")
-        baselines = {
+    layout = Layout.from_config(cfg)
+    t0 = time.perf_counter()
+    times = run_pipeline(cfg, rows)
+    twin_seconds = time.perf_counter() - t0
+    man = pd.read_parquet(layout.augmented_manifest)
+    test = man[man["split"] == "test"].sort_values("image_id").reset_index(drop=True)
+    y_te = test["label"].map(CLASS_TO_INDEX).to_numpy()
+    sites = sites_of(test, layout)
+    exported = load_exported(layout.export_dir)
+    size = cfg.augment.image_size
+
+    def arrays(df, name: str):
+        paths = [layout.augmented_dir / p for p in df["path"]]
+        cache = load_image_cache(list(df["image_id"]), paths, size, layout.cache_dir, name=f"bench_{name}",
+                                 workers=cfg.evaluate.cache_workers)
+        return cache.array, df["label"].map(CLASS_TO_INDEX).to_numpy()
+
+    x_te, _ = arrays(test, "test")
+    ext_x = ext_y = None
+    if external is not None:
+        ext_x = load_images(external, external.attrs["root"], size, cfg, name="bench_external")
+        ext_y = external["label"].map(CLASS_TO_INDEX).to_numpy()
+    metrics = json.loads(layout.metrics.read_text())
+    twin_probs = predict_batch_uint8(exported, x_te, cfg.evaluate.batch_size)
+    twin_ext = None
+    if ext_x is not None:
+        ext_probs = predict_batch_uint8(exported, ext_x, cfg.evaluate.batch_size)
+        twin_ext = external_report(ext_y, ext_probs, decision_labels(exported, ext_probs))
+    models = {"twin": {
+        "test": model_report(y_te, twin_probs, sites, extra_sites, decision_labels(exported, twin_probs)),
+        "external": twin_ext,
+        "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
+        "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
+    }}  # fmt: skip
+    if baselines:
+        def split_rows(name: str):
+            return man[man["split"] == name].sort_values("image_id")
+
+        (x_tr, y_tr), (x_va, y_va) = arrays(split_rows("train"), "train"), arrays(split_rows("val"), "val")
+        makers = {
             "single_branch_ce": lambda: build_inference(cfg.model),
-            "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=7),
+            "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=len(CLASSES)),
         }
-        for name, make in baselines.items():
+        for name, make in makers.items():
             print(f"[quality] baseline {name} ...", flush=True)
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            model, history = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed)
-            m = classification_metrics(y_te, _probs(model, x_te))
-            results[name] = {
-                "balanced_accuracy": m["balanced_accuracy"],
-                "accuracy": m["accuracy"],
-                "macro_auc": m["macro_auc"],
-                "params_inference": count_parameters(model),
-                "seconds_train": round(time.perf_counter() - t0, 1),
+            model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed)
+            models[name] = {
+                "test": model_report(y_te, _probs(model, x_te), sites, extra_sites),
+                "external": external_report(ext_y, _probs(model, ext_x)) if ext_x is not None else None,
+                "params_inference": count_parameters(model), "seconds": round(time.perf_counter() - t0, 1),
             }
+    return {"split": split, "train_data": train_data, "holdout_sources": list(cfg.data.split.holdout_sources),
+            "test_images": len(test), "models": models}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA / "ham10000-224"), help="HAM10000-layout training data")
+    ap.add_argument("--external", default=str(DEFAULT_DATA / "derm7pt-384"), help="external test set (never trained on)")
+    ap.add_argument("--isic", default=str(DEFAULT_DATA / "isic-archive-512"), help="extra training source of --with-isic")
+    ap.add_argument("--with-isic", action="store_true", help="also run every split with --isic added to the training data")
+    ap.add_argument("--splits", default=",".join(SPLIT_MODES), help="comma list of: " + ", ".join(SPLIT_MODES))
+    ap.add_argument("--holdout", default="vidir_modern", help="comma list of sources held out by the holdout split")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few epochs, small images, subsampled data")
+    ap.add_argument("--rows", type=int, default=None, help=f"keep this many manifest rows (--quick: {QUICK_ROWS})")
+    ap.add_argument("--work", default=str(ROOT / "bench" / "results" / "quality"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ns = ap.parse_args(argv)
+    data = Path(ns.data)
+    if not (data / "HAM10000_metadata.csv").is_file():
+        print(f"skip: {data} has no HAM10000_metadata.csv (real data not available here)")
+        return 0
+    splits = [s.strip() for s in ns.splits.split(",") if s.strip()]
+    holdout = [s.strip() for s in ns.holdout.split(",") if s.strip()]
+    for s in splits:
+        split_overrides(s, holdout)  # unknown split names fail before any work
+
+    import torch
+
+    from pipeline.config import load_config, parse_override
+
+    rows = ns.rows if ns.rows is not None else (QUICK_ROWS if ns.quick else None)
+    external, skip_reason = read_external(Path(ns.external), QUICK_EXTERNAL if ns.quick else None, 0)
+    if external is not None:
+        external.attrs["root"] = str(Path(ns.external))
+        print(f"[quality] external test set: {len(external)} images from {ns.external}", flush=True)
+    else:
+        print(f"[quality] external test set skipped: {skip_reason}", flush=True)
+    train_sets: list[tuple[str, Path | None]] = [("ham10000", None)]
+    isic_skip = None
+    if ns.with_isic:
+        if (Path(ns.isic) / "HAM10000_metadata.csv").is_file():
+            train_sets.append(("ham10000+isic", Path(ns.isic)))
+        else:
+            isic_skip = f"{ns.isic}: no HAM10000_metadata.csv (extra training source not available here)"
+            print(f"[quality] --with-isic skipped: {isic_skip}", flush=True)
+
+    runs, overrides_used = [], {}
+    for train_name, extra in train_sets:
+        for split in splits:
+            overrides = dict(BENCH_OVERRIDES)
+            if ns.quick:
+                overrides.update(QUICK_OVERRIDES)
+            overrides.update(data_overrides(data, extra))
+            overrides.update(split_overrides(split, holdout))
+            overrides["paths.work_dir"] = str(Path(ns.work) / f"{train_name}-{split}")
+            overrides.update(dict(parse_override(o) for o in ns.overrides))
+            cfg = load_config(ROOT / "params.yaml", overrides)
+            print(f"[quality] === split {split}, training data {train_name} ===", flush=True)
+            runs.append(run_split(cfg, split=split, train_data=train_name, external=external,
+                                  extra_sites=("isic_archive",) if extra else (), rows=rows,
+                                  baselines=not ns.skip_baselines))  # fmt: skip
+            overrides_used = {k: v for k, v in overrides.items() if not k.startswith(("paths.", "data."))}
 
     out = {
         "data": str(data),
-        "config_overrides": {k: v for k, v in overrides.items() if k != "paths.work_dir"},
-        "stage_seconds": times,
+        "external": str(ns.external) if external is not None else None,
+        "external_skipped": skip_reason,
+        "isic_skipped": isic_skip,
+        "quick": ns.quick,
+        "rows": rows,
+        "config_overrides": overrides_used,
         "torch_threads": torch.get_num_threads(),
-        "results": results,
-        "targets_twin": {"balanced_accuracy": 0.70, "macro_auc": 0.94, "params_inference": 1_000_000, "minutes": 30},
+        "runs": runs,
+        "targets_twin": {"balanced_accuracy": 0.72, "macro_auc": 0.94, "params_inference": 1_000_000},
     }
-    dest = ROOT / "bench" / "results" / "quality.json"
+    dest = Path(ns.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\n{'model':<20} {'BA':>7} {'acc':>7} {'mAUC':>7} {'params':>10} {'seconds':>8}")
-    for name, r in results.items():
-        secs = r.get("seconds_end_to_end", r.get("seconds_train"))
-        print(
-            f"{name:<20} {r['balanced_accuracy']:>7.3f} {r['accuracy']:>7.3f} {r['macro_auc']:>7.3f} "
-            f"{r['params_inference']:>10,} {secs:>8}"
-        )
+    print()
+    print(format_tables(runs))
+    if skip_reason:
+        print(f"\nexternal test skipped: {skip_reason}")
     print(f"\nwritten {dest}")
     return 0
 

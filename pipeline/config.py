@@ -41,6 +41,10 @@ class SplitConfig(_Section):
     test: float = Field(0.15, gt=0, lt=1)
     # A class with fewer lesions (groups) than this goes entirely to train.
     min_groups_for_holdout: int = Field(3, ge=3, le=1000)
+    # Source-held-out split: every image of these acquisition sites (manifest column source_site,
+    # e.g. [vidir_modern]) goes to test; the rest is split into train/val with the train/val
+    # fractions renormalised (test is then ignored). [] = the lesion-grouped random split.
+    holdout_sources: list[str] = []
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitConfig":
@@ -49,18 +53,74 @@ class SplitConfig(_Section):
             raise ValueError(f"split fractions must sum to 1, got {total:.4f}")
         return self
 
+    @field_validator("holdout_sources")
+    @classmethod
+    def _site_names(cls, v: list[str]) -> list[str]:
+        if any(not s.strip() for s in v):
+            raise ValueError("site names must not be blank")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"site(s) listed twice: {dup}")
+        return v
+
+
+# data.source value that reads the list data.sources (several sources concatenated in one run).
+MULTI_SOURCE = "multi"
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class SourceEntry(_Section):
+    """One entry of ``data.sources``: a registered reader on its own root (and CSV)."""
+
+    # A reader registered in pipeline.io.readers: ham10000 | isic_csv | imagefolder | synthetic.
+    source: str = Field(min_length=1)
+    # Its data root (relative: to the params file's folder).
+    root: str = Field(min_length=1)
+    # Its ground-truth CSV, for readers that need one (isic_csv); relative: to the params file's
+    # folder, else looked up below the root.
+    csv: str | None = None
+    # The entry's name: the source_site of its rows that carry none, and the prefix that keeps an
+    # image id unique when two entries share it (<name>__<id>). null = the root folder's name.
+    name: str | None = Field(None, pattern=_NAME_PATTERN)
+
+    @property
+    def label(self) -> str:
+        """``name``, else the root folder's name (``source`` when the root has no name)."""
+        return self.name or Path(self.root).name or self.source
+
 
 class DataConfig(_Section):
     # A name registered in pipeline.io.readers (checked when the CLI / DAG loads the params, and by
-    # ingest): synthetic | ham10000 | isic_csv | imagefolder.
+    # ingest): synthetic | ham10000 | isic_csv | imagefolder; or "multi" to read data.sources.
     source: str = Field("synthetic", min_length=1)
     # Data root. For `synthetic`, null means <work_dir>/data/synthetic (generated there).
     root: str | None = None
     # Sources that need one (isic_csv): path of the ground-truth CSV.
     csv: str | None = None
+    # With source: multi, the sources read and concatenated into one manifest, each
+    # {source, root, csv, name}; root and csv above must then be null.
+    sources: list[SourceEntry] = []
     # Threads reading image headers and hashing files at ingest.
     workers: int = Field(4, ge=1, le=256)
     split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        if self.sources and self.source != MULTI_SOURCE:
+            raise ValueError(f"source: must be {MULTI_SOURCE!r} when data.sources is set")
+        if self.source == MULTI_SOURCE:
+            if not self.sources:
+                raise ValueError(f"source: {MULTI_SOURCE!r} needs data.sources, a list of {{source, root, csv, name}}")
+            for key in ("root", "csv"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{key}: must be null with data.source={MULTI_SOURCE!r} (each entry of data.sources has its own)"
+                    )
+            labels = [e.label for e in self.sources]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"sources: entry name(s) {dup} used twice; give the entries distinct `name`s")
+        return self
 
 
 class SyntheticConfig(_Section):
@@ -71,6 +131,9 @@ class SyntheticConfig(_Section):
     # Images per lesion (group_id); >1 gives several views of the same lesion.
     images_per_lesion: int = Field(1, ge=1, le=1000)
     jpeg_quality: int = Field(92, ge=1, le=100)
+    # Acquisition sites (metadata column `dataset`): 1 = "synthetic"; k > 1 = synthetic_1 .. synthetic_k,
+    # assigned round robin by lesion within each class (labels only; the pixels do not change).
+    sites: int = Field(1, ge=1, le=1000)
 
     @field_validator("class_counts")
     @classmethod

@@ -84,6 +84,11 @@ class Layout:
         return self.reports_dir / "metrics.json"
 
     @property
+    def metrics_detail(self) -> Path:
+        """Per-source metrics and confusion matrices of the evaluate stage."""
+        return self.reports_dir / "metrics_detail.json"
+
+    @property
     def plots_dir(self) -> Path:
         return self.reports_dir / "plots"
 

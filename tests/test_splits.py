@@ -108,3 +108,79 @@ def test_property_groups_never_split_and_holdout_when_possible(rows, seed):
             assert got == {"train", "val", "test"}
         else:
             assert got == {"train"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Source-held-out mode (data.split.holdout_sources)
+# ---------------------------------------------------------------------------------------------
+def _with_sites(df: pd.DataFrame, seed: int = 0) -> np.ndarray:
+    """One site per group (a, b, c, d with unequal shares)."""
+    rng = np.random.default_rng(seed)
+    per_group = {g: rng.choice(["site_a", "site_b", "site_c", "site_d"], p=[0.4, 0.3, 0.2, 0.1])
+                 for g in df["group"].unique()}  # fmt: skip
+    return df["group"].map(per_group).to_numpy()
+
+
+def test_holdout_sources_send_whole_sites_to_test():
+    df = _random_dataset(3)
+    sites = _with_sites(df)
+    cfg = SplitConfig(train=0.7, val=0.15, test=0.15, holdout_sources=["site_b"])
+    splits = assign_splits(df["label"], df["group"], cfg, seed=1, sites=sites)
+    assert (splits[sites == "site_b"] == "test").all()
+    assert (splits[sites != "site_b"] != "test").all()
+    assert _groups_in_one_split(df["group"].to_numpy(), splits)
+    rest = sites != "site_b"
+    shares = pd.crosstab(df["label"][rest], splits[rest], normalize="index")
+    for label, row in shares.iterrows():  # train:val keeps 0.7:0.15 -> 0.824:0.176
+        assert row["train"] == pytest.approx(0.7 / 0.85, abs=0.04), label
+        assert row["val"] == pytest.approx(0.15 / 0.85, abs=0.04), label
+
+
+def test_holdout_lesion_spanning_sites_goes_to_test_whole():
+    labels = ["nv"] * 8
+    groups = ["L1", "L1", "L2", "L3", "L4", "L5", "L6", "L7"]
+    sites = ["x", "y", "y", "y", "y", "y", "y", "y"]
+    splits = assign_splits(labels, groups, SplitConfig(holdout_sources=["x"]), seed=0, sites=sites)
+    assert splits[:2].tolist() == ["test", "test"]
+    assert "test" not in splits[2:] and "val" in splits[2:]
+
+
+def test_holdout_empty_list_is_the_random_split_bit_for_bit():
+    df = _random_dataset(4, n_groups=400)
+    sites = _with_sites(df)
+    a = assign_splits(df["label"], df["group"], FRACTIONS, seed=5)
+    b = assign_splits(df["label"], df["group"], SplitConfig(holdout_sources=[]), seed=5, sites=sites)
+    assert (a == b).all()
+
+
+def test_holdout_deterministic_and_order_invariant():
+    df = _random_dataset(5, n_groups=300)
+    df["site"] = _with_sites(df, 1)
+    cfg = SplitConfig(holdout_sources=["site_c", "site_d"])
+    a = assign_splits(df["label"], df["group"], cfg, seed=2, sites=df["site"])
+    shuffled = df.sample(frac=1.0, random_state=0)
+    b = pd.Series(assign_splits(shuffled["label"], shuffled["group"], cfg, seed=2, sites=shuffled["site"]),
+                  index=shuffled.index).sort_index()  # fmt: skip
+    assert (a == b.to_numpy()).all()
+
+
+def test_holdout_errors_name_the_sites():
+    from pipeline.errors import DataError
+
+    labels, groups, sites = ["nv", "mel"], ["g1", "g2"], ["rosendahl", "vidir_modern"]
+    with pytest.raises(DataError, match=r"unknown source site\(s\) \['vienna'\]; the data has \['rosendahl', 'vidir_modern'\]"):
+        assign_splits(labels, groups, SplitConfig(holdout_sources=["vienna"]), seed=0, sites=sites)
+    with pytest.raises(DataError, match="hold out every image"):
+        assign_splits(labels, groups, SplitConfig(holdout_sources=["rosendahl", "vidir_modern"]), seed=0, sites=sites)
+    with pytest.raises(ValueError, match="needs each row's source site"):
+        assign_splits(labels, groups, SplitConfig(holdout_sources=["rosendahl"]), seed=0)
+
+
+@pytest.mark.parametrize(("value", "message"), [(["a", "a"], "listed twice"), ([" "], "must not be blank")])
+def test_holdout_config_rules(value, message):
+    from conftest import ROOT
+
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"data.split.holdout_sources.*{message}"):
+        load_config(ROOT / "params.yaml", {"data.split.holdout_sources": value})

@@ -84,6 +84,7 @@ class Case:
             "width": SIZE[0],
             "height": SIZE[1],
             "sha256": hashlib.sha256(data).hexdigest(),
+            "source_site": "clinic_a",
         }
         entry.update(row)
         self.rows.append(entry)

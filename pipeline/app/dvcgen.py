@@ -55,12 +55,18 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def data_deps(cfg: Config, base: Path, layout: Layout) -> list[str]:
-    """The raw data the configured source reads: the generated folder, or data.root (+ data.csv).
+    """The raw data the configured source reads: the generated folder, or data.root (+ data.csv), or
+    each entry's root (+ csv) of data.sources.
 
     The loaded config holds these paths absolute (relative ones are resolved against the params
     file's folder at load time); ``dvc.yaml`` names them relative to its folder when they are inside
     it, absolute otherwise.
     """
+    if cfg.data.sources:  # several sources: every entry's root and csv
+        deps = []
+        for e in cfg.data.sources:
+            deps += [_rel(Path(e.root), base)] + ([_rel(Path(e.csv), base)] if e.csv else [])
+        return list(dict.fromkeys(deps))
     if cfg.data.root:
         deps = [_rel(Path(cfg.data.root), base)]
     else:

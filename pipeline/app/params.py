@@ -16,7 +16,8 @@ from typing import Any
 from pipeline.config import Config, load_config
 from pipeline.io.readers import check_source_config
 
-# Keys holding a file system path: a relative value is relative to the params file's folder.
+# Keys holding a file system path: a relative value is relative to the params file's folder (so are
+# the root and csv of each entry of data.sources).
 # (``paths.work_dir`` keeps its meaning for DVC: relative to the folder DVC runs in, the project root.)
 PATH_KEYS: tuple[str, ...] = ("data.root", "data.csv", "mlflow.artifact_root", "airflow.runs_dir")
 SQLITE = "sqlite:///"
@@ -43,6 +44,16 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         value = flat.get(key)
         if isinstance(value, str) and value and (resolved := _absolute(value, base)):
             changes[key] = resolved
+    if cfg.data.sources:  # each entry's root and csv, like data.root / data.csv
+        entries = []
+        for entry in cfg.data.sources:
+            e = entry.model_dump(mode="json")
+            for key in ("root", "csv"):
+                if isinstance(e[key], str) and e[key] and (resolved := _absolute(e[key], base)):
+                    e[key] = resolved
+            entries.append(e)
+        if entries != [e.model_dump(mode="json") for e in cfg.data.sources]:
+            changes["data.sources"] = entries
     uri = cfg.mlflow.tracking_uri
     if uri.startswith(SQLITE):
         db = uri[len(SQLITE) :]

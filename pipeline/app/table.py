@@ -126,9 +126,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "evaluate", "pipeline.stages.evaluate:run_evaluate",
         "Score the inference model on the test split; metrics, plots and CAM samples (S4).",
-        deps=("export_dir", "augmented_dir"),
+        deps=("export_dir", "augmented_dir", "validated_manifest"),
         outs=(Out("plots_dir", cache=False), Out("cam_dir", cache=False), Out("predictions", cache=False),
-              Out("metrics", cache=False, metric=True, digest=True)),
+              Out("metrics", cache=False, metric=True, digest=True), Out("metrics_detail", cache=False)),
         params=("evaluate", "cam"), task="evaluate", outlet="metrics",
     ),
     Stage(

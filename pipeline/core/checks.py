@@ -54,7 +54,7 @@ DERIVED_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 IMAGE_COLUMNS: tuple[str, ...] = MANIFEST_COLUMNS + FACT_COLUMNS + DERIVED_COLUMNS
 CLASS_COLUMNS: tuple[str, ...] = ("label", "n_train", "n_val", "n_test", "n_total")
-_STRING_COLUMNS = ("image_id", "path", "label", "group_id", "split", "sha256")
+_STRING_COLUMNS = ("image_id", "path", "label", "group_id", "split", "sha256", "source_site")
 _INT_TYPES = ["int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "Int32", "Int64"]
 
 _GX_LOGGERS = ("great_expectations",)
@@ -217,7 +217,7 @@ def define_checks(cfg: ValidateConfig) -> list[Check]:
     for col in MANIFEST_COLUMNS:
         not_null = E.ExpectColumnValuesToNotBeNull(column=col)
         checks.append(c(f"not_null_{col}", "images", f"{col} is never missing", not_null, (col,)))
-    for col in ("image_id", "path", "group_id"):
+    for col in ("image_id", "path", "group_id", "source_site"):
         checks.append(
             c(
                 f"not_blank_{col}",

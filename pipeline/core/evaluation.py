@@ -1,11 +1,20 @@
-"""Evaluation, the pure part: the ``metrics.json`` contract and the choice of CAM samples."""
+"""Evaluation, the pure part: the ``metrics.json`` contract and the choice of CAM samples.
+
+Per acquisition source (manifest ``source_site``) the evaluate stage adds to ``metrics.json`` the
+flat keys ``site_<site>_<n|balanced_accuracy|accuracy|macro_auc|ece>`` (:func:`site_flat_metrics`;
+MLflow logs them as ``test_site_...``) and writes the full detail -- per-class recall over the
+classes present and the confusion matrix, overall and per source -- to ``metrics_detail.json``
+(:func:`detail_report`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from pipeline.core.metrics import SUBSET_KEYS
 
 # Export facts copied from the model's config.json into metrics.json.
 META_KEYS: tuple[str, ...] = (
@@ -54,3 +63,24 @@ def flat_metrics(metrics: dict[str, Any], meta: dict[str, Any], n_test: int) -> 
             out[k] = finite(meta[k])
     out["test_images"] = int(n_test)
     return out
+
+
+def site_flat_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``site_<site>_<key>`` for the headline keys of each source (strict-JSON values)."""
+    return {f"site_{site}_{k}": finite(m[k]) for site, m in per_site.items() for k in SUBSET_KEYS}
+
+
+def _strict(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return finite(v)
+
+
+def detail_report(
+    classes: Sequence[str], overall: Mapping[str, Any], per_site: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The ``metrics_detail.json`` content: class order, the overall subset metrics (with the
+    confusion matrix, rows = true class, columns = predicted) and the same per source."""
+    return _strict({"classes": list(classes), "overall": overall, "per_source": per_site})

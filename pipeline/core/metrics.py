@@ -15,6 +15,12 @@ scikit-learn computes every number; this wrapper fixes the conventions the proje
 * ``ece`` is the expected calibration error of the top-label confidence over
   :data:`ECE_BINS` equal-width bins: ``sum_b n_b / N * |accuracy_b - mean confidence_b|``
   (Guo et al. 2017); 0 is perfectly calibrated.
+* **Subsets with only some classes** (one acquisition source, an external test set such as
+  Derm7pt without akiec): :func:`per_group_metrics` applies the same conventions to each subset,
+  so ``balanced_accuracy`` is the mean recall over the classes *present in that subset*,
+  ``macro_auc`` averages the classes with both positives and negatives *in that subset* (NaN when
+  none has), and ``recall`` lists the present classes only. The model still chooses among all its
+  classes: a prediction of a class the subset lacks counts as an error (nothing is renormalised).
 """
 
 from __future__ import annotations
@@ -120,6 +126,61 @@ def classification_metrics(
         out[f"auc_{name}"] = float(aucs[c])
         out[f"support_{name}"] = int(support[c])
     return out
+
+
+SUBSET_KEYS: tuple[str, ...] = ("n", "balanced_accuracy", "accuracy", "macro_auc", "ece")
+
+
+def subset_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, y_pred: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The headline metrics of one subset (see the module docstring on absent classes):
+    ``n``, ``balanced_accuracy``, ``accuracy``, ``macro_auc``, ``ece``, ``classes_present``,
+    ``recall`` (present class -> recall) and ``confusion_matrix`` (rows true, columns predicted,
+    in ``classes`` order). ``y_pred``: labels of a decision rule other than arg-max (the label
+    metrics use them; AUC and ECE the probabilities)."""
+    classes = list(classes)
+    n = len(classes)
+    y, p = _check(y_true, probs, n)
+    if y.size == 0:
+        raise ValueError("no samples")
+    pred = p.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"y_pred has {pred.size} labels for {y.size} samples")
+    cm = confusion_matrix(y, pred, n)
+    support = cm.sum(axis=1)
+    present = [c for c in range(n) if support[c] > 0]
+    recall = {classes[c]: float(cm[c, c] / support[c]) for c in present}
+    m = classification_metrics(y, p, classes)  # AUC and ECE: from the probabilities only
+    return {
+        "n": int(y.size),
+        "balanced_accuracy": float(np.mean(list(recall.values()))),
+        "accuracy": float(np.trace(cm) / y.size),
+        "macro_auc": m["macro_auc"],
+        "ece": m["ece"],
+        "classes_present": [classes[c] for c in present],
+        "recall": recall,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def per_group_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    classes: Sequence[str] = CLASSES,
+    y_pred: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """group (e.g. acquisition source) -> :func:`subset_metrics` of its rows, groups sorted by name."""
+    y, p = _check(y_true, probs, len(list(classes)))
+    g = np.asarray([str(x) for x in groups])
+    if g.shape[0] != y.shape[0]:
+        raise ValueError(f"groups ({g.shape[0]}) and y_true ({y.shape[0]}) differ in length")
+    pred = None if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    return {
+        name: subset_metrics(y[g == name], p[g == name], classes, None if pred is None else pred[g == name])
+        for name in sorted(set(g.tolist()))
+    }
 
 
 def roc_curves(

@@ -5,7 +5,10 @@ Columns (one row per image):
 ``image_id`` (str), ``path`` (str, relative to the data root, POSIX separators), ``label``
 (one of :data:`pipeline.labels.CLASSES`), ``group_id`` (lesion id where known, else the image
 id), ``split`` (``train``/``val``/``test``), ``width``, ``height`` (int), ``sha256`` (hex of
-the file bytes).
+the file bytes), ``source_site`` (str: the acquisition source of the image -- the HAM10000
+metadata column ``dataset``, e.g. ``rosendahl``, ``vidir_modern``, ``vidir_molemax``,
+``vienna_dias``; where a source has no such column, the name of the configured data source
+(entry); used by ``data.split.holdout_sources`` and the per-source metrics of ``evaluate``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import pandas as pd
 
 from pipeline.errors import DataError
 
-MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "group_id", "split", "width", "height", "sha256")
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image_id", "path", "label", "group_id", "split", "width", "height", "sha256", "source_site",
+)  # fmt: skip
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # Columns the validate stage's fact gathering (pipeline.io.imagefacts) adds to the manifest, in order.

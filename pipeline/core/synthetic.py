@@ -563,15 +563,24 @@ softness) and colour/texture layers (e.g. nv uniform brown, mel multi-coloured i
 black and blue-grey, bkl cracks and milia, bcc pink with branching red vessels, akiec red with
 white scale, df central white patch and ring, vasc red/purple lacunae), painted on a random skin
 tone; each view adds rotation, scale, position, illumination, vignette, hairs and noise, and is
-saved as JPEG (quality {cfg.jpeg_quality}). Metadata follows the HAM10000 layout; dx_type and dataset
-are "synthetic", age/sex/localization are random.
+saved as JPEG (quality {cfg.jpeg_quality}). Metadata follows the HAM10000 layout; dx_type is
+"synthetic", dataset is "synthetic" (or synthetic_1 .. synthetic_<sites> with synthetic.sites > 1),
+age/sex/localization are random.
 
 Parameters: seed={seed}, image_size={cfg.image_size}, images_per_lesion={cfg.images_per_lesion},
 images={n_images}, per class={class_counts(cfg)}.
 """
 
 
-def metadata_row(item: PlannedImage, lesion: Lesion) -> dict[str, Any]:
+def site_of(item: PlannedImage, sites: int = 1) -> str:
+    """The synthetic acquisition site (HAM10000 column ``dataset``) of one image: ``synthetic``
+    with one site, else ``synthetic_1`` .. ``synthetic_<sites>`` by lesion index within the class
+    (round robin), so every view of a lesion shares its site and every site gets every class that
+    has at least ``sites`` lesions. A label only: the pixels do not depend on it."""
+    return "synthetic" if sites <= 1 else f"synthetic_{item.lesion % sites + 1}"
+
+
+def metadata_row(item: PlannedImage, lesion: Lesion, sites: int = 1) -> dict[str, Any]:
     """The HAM10000-layout metadata row of one generated image."""
     return {
         "lesion_id": item.lesion_id,
@@ -579,5 +588,5 @@ def metadata_row(item: PlannedImage, lesion: Lesion) -> dict[str, Any]:
         "dx": item.cls,
         "dx_type": "synthetic",
         **lesion.meta,
-        "dataset": "synthetic",
+        "dataset": site_of(item, sites),
     }

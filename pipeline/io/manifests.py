@@ -4,7 +4,8 @@ Every stage that consumes another stage's table reads it here, so "not found: ru
 "cannot read parquet" and the column / label / split checks are written once:
 
 * :func:`read_manifest` -- ``data/manifest.parquet`` (ingest) and ``data/validated.parquet``
-  (validate): :data:`~pipeline.core.schema.MANIFEST_COLUMNS`;
+  (validate): :data:`~pipeline.core.schema.MANIFEST_COLUMNS`; a manifest written before the
+  ``source_site`` column existed reads with ``source_site = "unknown"`` (one site);
 * :func:`read_validated` -- the validated manifest with labels, splits and ids checked;
 * :func:`read_augmented` -- ``data/augmented/manifest.parquet`` and the folder's ``meta.json``
   (the resolution the images were written at);
@@ -41,8 +42,15 @@ def read_parquet(path: Path, produced_by: str, columns: tuple[str, ...] = (), wh
     return df
 
 
+UNKNOWN_SITE = "unknown"  # source_site of rows from a manifest written before the column existed
+
+
 def read_manifest(path: Path, produced_by: str = "ingest") -> pd.DataFrame:
-    return read_parquet(path, produced_by, MANIFEST_COLUMNS, what="manifest" if produced_by == "ingest" else "")
+    df = read_parquet(path, produced_by, (), what="manifest" if produced_by == "ingest" else "")
+    if "source_site" not in df.columns:
+        df = df.assign(source_site=UNKNOWN_SITE)
+    ensure_columns(df, MANIFEST_COLUMNS, str(path))
+    return df
 
 
 def check_labels(df: pd.DataFrame, where: str, column: str = "label") -> None:

@@ -242,6 +242,8 @@ def lineage_tags(
         f"{TAG}export.weights_sha256": file_sha256(layout.export_dir / "weights.pt"),
         f"{TAG}data_source": cfg.data.source,
         f"{TAG}data_root": str(data_root(cfg)),
+        # several sources (data.source: multi): every entry, name=source:root; data_root is their common root
+        f"{TAG}data_roots": "; ".join(f"{e.label}={e.source}:{e.root}" for e in cfg.data.sources),
         f"{TAG}triggered_by": who["user"],
         f"{TAG}triggered_via": who["via"],
     }

@@ -1,7 +1,9 @@
 """Data-source readers and their registry: each source is one decorated function here.
 
 A reader is a function of the data root (and, for CSV-labelled sources, the CSV) returning a table
-with ``image_id, path, label, group_id``; ``path`` is relative to the data root, POSIX style. The
+with ``image_id, path, label, group_id`` (and optionally ``source_site``, the acquisition source of
+each image; blank or absent -> the data source's name, filled in by ingest); ``path`` is relative to
+the data root, POSIX style. The
 ``ingest`` stage (:mod:`pipeline.stages.ingest`) adds per-file facts (``width``, ``height``,
 ``sha256``) and the split and writes the manifest.
 
@@ -30,17 +32,25 @@ Design choices:
 * **Cheap facts.** Width/height come from the image header (PIL opens lazily, no decode);
   ``sha256`` is of the file bytes. Full decoding is the validate stage's job.
 * **Stable output.** Rows are sorted by ``image_id``; the split is order-invariant.
+* **Several sources in one run** (``data.source: multi`` + ``data.sources: [{source, root, csv,
+  name}, ...]``): each entry is read by its own reader on its own root and the tables are
+  concatenated (:func:`combine_sources`). The manifest's ``path`` is then relative to the entries'
+  **common root** (the deepest folder holding every root, :func:`data_root`), so every stage after
+  ingest resolves ``data_root(cfg) / path`` exactly as with one source. An image id (or lesion id)
+  found in more than one entry is made unique as ``<entry name>__<id>`` in every entry that has it;
+  a row without a ``source_site`` gets its entry's name.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import MULTI_SOURCE, Config, ConfigError, SourceEntry
 from pipeline.errors import DataError
 from pipeline.io.images import IMAGE_SUFFIXES
 from pipeline.labels import CLASSES, ISIC_COLUMNS
@@ -53,6 +63,7 @@ log = logging.getLogger(__name__)
 
 HAM_METADATA = "HAM10000_metadata.csv"
 READER_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "group_id")
+SITE_COLUMN = "source_site"  # optional reader column: where the image was acquired (HAM10000: `dataset`)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -85,8 +96,28 @@ def source(name: str, *, needs_csv: bool = False, generated: bool = False, descr
     return register
 
 
+# What data.source=multi stands for (not a registered reader: each entry of data.sources has one).
+MULTI = Source(MULTI_SOURCE, lambda *_: None, description="several sources (data.sources), concatenated")
+
+
+def check_entry(entry: SourceEntry, i: int) -> Source:
+    """The reader of ``data.sources[i]``; :class:`ConfigError` naming the key when it does not fit."""
+    spec = SOURCES.get(entry.source)
+    if spec is None:
+        raise ConfigError(f"data.sources[{i}].source: unknown source {entry.source!r}; known: {sorted(SOURCES)}")
+    if spec.needs_csv and not entry.csv:
+        raise ConfigError(f"data.sources[{i}].csv: must be set for source {entry.source!r}")
+    return spec
+
+
 def check_source_config(cfg: Config) -> Source:
-    """The configured source; :class:`ConfigError` naming the key when ``data.*`` does not fit it."""
+    """The configured source; :class:`ConfigError` naming the key when ``data.*`` does not fit it.
+
+    ``data.source: multi`` returns :data:`MULTI` after checking every entry of ``data.sources``."""
+    if cfg.data.source == MULTI_SOURCE:
+        for i, entry in enumerate(cfg.data.sources):
+            check_entry(entry, i)
+        return MULTI
     spec = SOURCES.get(cfg.data.source)
     if spec is None:
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}; known: {sorted(SOURCES)}")
@@ -104,10 +135,70 @@ def data_root(cfg: Config) -> Path:
     ``synthesize`` stage writes, ``<work_dir>/data/synthetic``.
     """
     spec = check_source_config(cfg)
+    if spec is MULTI:
+        return common_root([Path(e.root) for e in cfg.data.sources])
     if cfg.data.root:
         return Path(cfg.data.root)
     assert spec.generated
     return Layout.from_config(cfg).synthetic_dir
+
+
+def common_root(roots: list[Path]) -> Path:
+    """The deepest folder holding every one of ``roots`` (absolute; the root itself for one)."""
+    return Path(os.path.commonpath([str(r.resolve()) for r in roots]))
+
+
+def entry_csv(entry: SourceEntry) -> Path | None:
+    """An entry's CSV as a path; a relative CSV that is not found is looked up below its root."""
+    if not entry.csv:
+        return None
+    csv, root = Path(entry.csv), Path(entry.root)
+    if not csv.is_absolute() and not csv.is_file() and (root / csv).is_file():
+        csv = root / csv
+    return csv
+
+
+def combine_sources(parts: list[tuple[str, str, "pd.DataFrame"]]) -> "pd.DataFrame":
+    """Concatenate reader tables of several entries: ``(entry name, root relative to the common root
+    (POSIX, "" for the common root itself), table)``.
+
+    Paths get the root's prefix; a missing/blank ``source_site`` becomes the entry name; image ids
+    and group ids found in more than one entry become ``<entry name>__<id>`` in each of them
+    (:class:`DataError` if ids are still not unique after that)."""
+    import pandas as pd
+
+    tables = []
+    for name, prefix, table in parts:
+        t = table.copy()
+        t["path"] = [f"{prefix}/{p}" if prefix else str(p) for p in t["path"].astype(str)]
+        given = t[SITE_COLUMN].astype(str).str.strip() if SITE_COLUMN in t.columns else pd.Series("", index=t.index)
+        t[SITE_COLUMN] = given.where(given.str.len() > 0, name)
+        t["_entry"] = name
+        tables.append(t.loc[:, [*READER_COLUMNS, SITE_COLUMN, "_entry"]].astype(str))
+    df = pd.concat(tables, ignore_index=True)
+    for col in ("image_id", "group_id"):
+        entries_per_id = df.groupby(col)["_entry"].nunique()
+        shared = set(entries_per_id[entries_per_id > 1].index)
+        if shared:
+            hit = df[col].isin(shared)
+            df.loc[hit, col] = df.loc[hit, "_entry"] + "__" + df.loc[hit, col]
+            log.warning("%d %s value(s) found in several sources, prefixed with the entry name", len(shared), col)
+    _check_unique(df["image_id"], Path("data.sources"))
+    return df.drop(columns="_entry")
+
+
+def read_entries(cfg: Config) -> tuple[Path, "pd.DataFrame"]:
+    """``data.source: multi``: (common root, combined reader table)."""
+    root = data_root(cfg)
+    parts = []
+    for i, entry in enumerate(cfg.data.sources):
+        spec = check_entry(entry, i)
+        eroot = Path(entry.root).resolve()
+        table = spec.load(eroot, entry_csv(entry))
+        prefix = eroot.relative_to(root).as_posix()
+        parts.append((entry.label, "" if prefix == "." else prefix, table))
+        log.info("ingest: %s (%s, %s): %d rows", entry.label, entry.source, eroot, len(table))
+    return root, combine_sources(parts)
 
 
 def csv_path(cfg: Config) -> Path | None:
@@ -196,7 +287,9 @@ def read_ham10000(root: Path) -> "pd.DataFrame":
     """HAM10000 layout: ``HAM10000_metadata.csv`` + images anywhere below ``root``.
 
     ``label`` = ``dx`` (stripped, lower case); ``group_id`` = ``lesion_id`` when present and not
-    blank, else the image id. An image not found keeps the path ``images/<image_id>.jpg``.
+    blank, else the image id; ``source_site`` = the ``dataset`` column (stripped; blank when the
+    column is absent -- ingest then uses the source's name). An image not found keeps the path
+    ``images/<image_id>.jpg``.
     """
     import numpy as np
     import pandas as pd
@@ -211,12 +304,14 @@ def read_ham10000(root: Path) -> "pd.DataFrame":
     _check_unique(ids, meta_path)
     found = index_images(root)
     lesions = meta["lesion_id"].str.strip() if "lesion_id" in meta.columns else pd.Series("", index=meta.index)
+    sites = meta["dataset"].str.strip() if "dataset" in meta.columns else pd.Series("", index=meta.index)
     return pd.DataFrame(
         {
             "image_id": ids,
             "path": [found.get(i, f"images/{i}.jpg") for i in ids],
             "label": meta["dx"].str.strip().str.lower(),
             "group_id": _blank_to(lesions, ids),
+            SITE_COLUMN: sites,
         }
     )
 

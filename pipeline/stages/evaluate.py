@@ -12,6 +12,11 @@ Writes
 * ``reports/plots/``: ``confusion_matrix.png``, ``roc.png`` and the DVC plot data ``confusion.csv``
   (``actual,predicted`` per test image). The training curves are plotted by DVC straight from
   ``models/train/history.csv`` (declared in the stage table), not copied here.
+* per acquisition source (the validated manifest's ``source_site`` of each test image's original,
+  :mod:`pipeline.io.site_metrics`): ``site_<site>_<n|balanced_accuracy|accuracy|macro_auc|ece>`` in
+  ``metrics.json``, and ``reports/metrics_detail.json`` with per-class recall (classes present)
+  and the confusion matrix, overall and per source (metrics over only the classes a source has,
+  see :mod:`pipeline.core.metrics`).
 * ``reports/cam/``: up to ``evaluate.cam_per_class`` CAM overlays per class for correct and for
   wrong predictions, ``<cls>_<correct|wrong>_<image_id>.png``, and ``grid.png`` with all of them:
   per true class the most confident correct and the most confident wrong predictions
@@ -49,6 +54,7 @@ from pipeline.io.manifests import read_parquet, split_rows
 from pipeline.io.modelstore import load_exported
 from pipeline.io.overlays import save_overlay_png
 from pipeline.io.scoring import label_index, load_images, score_model
+from pipeline.io.site_metrics import write_site_metrics
 from pipeline.labels import CLASSES
 from pipeline.layout import Layout
 
@@ -118,6 +124,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     write_table(layout.predictions, pred_df)
 
     flat = flat_metrics(metrics, exported.meta, len(test))
+    flat.update(write_site_metrics(layout, test, y_true, probs, exported.classes, y_pred))
     write_json(layout.metrics, flat)
     log.info(
         "test: accuracy %.4f, balanced accuracy %.4f, macro AUC %s on %d images (branch %s)",

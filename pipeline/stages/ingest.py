@@ -26,30 +26,56 @@ from pipeline.core.splits import assign_splits
 from pipeline.errors import DataError
 from pipeline.io.files import write_table
 from pipeline.io.images import file_facts
-from pipeline.io.readers import READER_COLUMNS, check_source_config, csv_path, data_root
+from pipeline.io.readers import (
+    MULTI,
+    READER_COLUMNS,
+    SITE_COLUMN,
+    check_source_config,
+    csv_path,
+    data_root,
+    read_entries,
+)
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
 def read_source(cfg: Config) -> tuple[Path, pd.DataFrame]:
-    """(data root, reader table) for ``cfg.data.source``."""
+    """(data root, reader table) for ``cfg.data.source``; for ``multi`` the entries of
+    ``data.sources`` concatenated below their common root (:func:`pipeline.io.readers.read_entries`)."""
     spec = check_source_config(cfg)
+    if spec is MULTI:
+        return read_entries(cfg)
     root = data_root(cfg)
     if spec.generated and not root.is_dir():
         raise DataError(f"{root}: {spec.name} data set not found (run `python -m pipeline synthesize` first)")
     return root, spec.load(root, csv_path(cfg))
 
 
+def with_sites(table: pd.DataFrame, default: str) -> pd.DataFrame:
+    """``table`` with a ``source_site`` column: the reader's value where given and not blank, else
+    ``default`` (the data source's name)."""
+    out = table.copy()
+    given = out[SITE_COLUMN].astype(str).str.strip() if SITE_COLUMN in out.columns else pd.Series("", index=out.index)
+    out[SITE_COLUMN] = given.where(given.str.len() > 0, default)
+    return out
+
+
 def build_manifest(table: pd.DataFrame, root: Path, cfg: Config) -> pd.DataFrame:
-    """Reader table -> full manifest (facts + splits), sorted by ``image_id``."""
-    df = table.loc[:, list(READER_COLUMNS)].astype(str).sort_values("image_id", kind="stable").reset_index(drop=True)
+    """Reader table -> full manifest (facts + splits), sorted by ``image_id``.
+
+    ``source_site`` is the reader's where given, else ``cfg.data.source`` (see :func:`with_sites`)."""
+    table = with_sites(table, cfg.data.source)
+    cols = [*READER_COLUMNS, SITE_COLUMN]
+    df = table.loc[:, cols].astype(str).sort_values("image_id", kind="stable").reset_index(drop=True)
     with ThreadPoolExecutor(max_workers=cfg.data.workers) as pool:
         facts = list(pool.map(file_facts, (root / p for p in df["path"])))
     df["width"] = np.array([f[0] for f in facts], dtype=np.int64)
     df["height"] = np.array([f[1] for f in facts], dtype=np.int64)
     df["sha256"] = [f[2] for f in facts]
-    df["split"] = assign_splits(df["label"].to_numpy(), df["group_id"].to_numpy(), cfg.data.split, cfg.seed)
+    df["split"] = assign_splits(
+        df["label"].to_numpy(), df["group_id"].to_numpy(), cfg.data.split, cfg.seed, df[SITE_COLUMN].to_numpy()
+    )
     return df.loc[:, list(MANIFEST_COLUMNS)]
 
 
@@ -59,6 +85,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
         "groups": int(df["group_id"].nunique()),
         "per_label": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
         "per_split": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "per_site": {k: int(v) for k, v in df[SITE_COLUMN].value_counts().sort_index().items()},
         "unreadable": int((df["width"] == 0).sum()),
     }
 
@@ -69,6 +96,8 @@ def run_ingest(cfg: Config) -> dict[str, Any]:
     out = Layout.from_config(cfg).manifest
     write_table(out, manifest)
     summary = {"source": cfg.data.source, "root": str(root), "manifest": str(out), **summarize(manifest)}
+    if cfg.data.sources:
+        summary["sources"] = [{"name": e.label, "source": e.source, "root": e.root} for e in cfg.data.sources]
     if summary["unreadable"]:
         log.warning("ingest: %d image(s) missing or unreadable (validate reports them)", summary["unreadable"])
     log.info("ingest: %d rows, %d groups -> %s", summary["rows"], summary["groups"], out)

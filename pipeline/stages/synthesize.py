@@ -49,7 +49,7 @@ def write_dataset(target: Path, cfg: SyntheticConfig, seed: int) -> pd.DataFrame
         for item in items:
             arr, lesion = generate_image(seed, item, cfg.image_size)
             (images / f"{item.image_id}.jpg").write_bytes(encode_jpeg(arr, cfg.jpeg_quality))
-            rows.append(metadata_row(item, lesion))
+            rows.append(metadata_row(item, lesion, cfg.sites))
         meta = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
         meta.to_csv(tmp / METADATA_NAME, index=False)
         (tmp / README_NAME).write_text(readme_text(cfg, seed, len(items)), encoding="utf-8")

@@ -228,6 +228,7 @@ def run_track(
             for path, dest in (
                 (layout.pairs_summary, "pairs"),
                 (layout.metrics, "reports"),
+                (layout.metrics_detail, "reports"),
                 (history_path, "train"),
                 (layout.train_dir / "best.json", "train"),
                 (layout.export_dir / "config.json", "export"),

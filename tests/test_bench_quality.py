@@ -1,0 +1,101 @@
+"""bench/quality.py: its pure parts and one end-to-end run on tiny SYNTHETIC data in a tmp dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from pipeline.config import SyntheticConfig
+from pipeline.labels import CLASSES
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+quality = _load_bench()
+
+
+def test_stratified_sample_keeps_every_stratum():
+    df = pd.DataFrame({"split": ["train"] * 90 + ["test"] * 10, "label": ["nv"] * 80 + ["df"] * 10 + ["nv"] * 10})
+    out = quality.stratified_sample(df, 20, seed=0)
+    counts = out.groupby(["split", "label"]).size().to_dict()
+    assert counts == {("test", "nv"): 2, ("train", "df"): 2, ("train", "nv"): 16}
+    assert quality.stratified_sample(df, 200, seed=0) is df
+    pd.testing.assert_frame_equal(out, quality.stratified_sample(df, 20, seed=0))
+
+
+def test_split_and_data_overrides(tmp_path: Path):
+    assert quality.split_overrides("random", ["x"]) == {"data.split.holdout_sources": []}
+    assert quality.split_overrides("holdout", ["x"]) == {"data.split.holdout_sources": ["x"]}
+    with pytest.raises(ValueError, match="unknown split 'lesion'"):
+        quality.split_overrides("lesion", [])
+    assert quality.data_overrides(tmp_path, None)["data.source"] == "ham10000"
+    multi = quality.data_overrides(tmp_path / "a", tmp_path / "b")
+    assert multi["data.source"] == "multi" and [e["name"] for e in multi["data.sources"]] == ["ham10000", "isic_archive"]
+
+
+def test_model_report_and_tables():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2, 5, 5, 0, 1, 2])
+    probs = rng.dirichlet(np.ones(len(CLASSES)), size=len(y))
+    sites = ["a", "a", "b", "b", "isic_archive", "isic_archive", "a", "b"]
+    rep = quality.model_report(y, probs, sites, extra_sites=("isic_archive",))
+    assert set(rep["per_source"]) == {"a", "b", "isic_archive"} and rep["ham_only"]["n"] == 6
+    assert len(rep["overall"]["confusion_matrix"]) == len(CLASSES)
+    ext = quality.external_report(np.array([0, 1, 1]), probs[:3])
+    assert ext["classes_present"] == [CLASSES[0], CLASSES[1]]
+    run = {"split": "holdout", "train_data": "ham10000",
+           "models": {"twin": {"test": rep, "external": ext, "params_inference": 1234, "seconds": 5.0},
+                      "mobilenet_v3_small": {"test": rep, "external": None, "params_inference": 99, "seconds": 1.0}}}
+    text = quality.format_tables([run])
+    assert "holdout" in text and "mobilenet_v3_small" in text and "isic_archive" in text and "1,234" in text
+    json.dumps(run, allow_nan=False)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in rep["overall"].values())
+
+
+def test_skips_without_data(tmp_path: Path, capsys):
+    assert quality.main(["--data", str(tmp_path / "none")]) == 0
+    assert "skip:" in capsys.readouterr().out
+    table, reason = quality.read_external(tmp_path / "none", None, 0)
+    assert table is None and "not available" in reason
+
+
+@pytest.mark.slow
+def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
+    """Both splits x (HAM alone, with the extra source) x three models: about 45 s on 2 idle CPU cores."""
+    from pipeline.stages.synthesize import write_dataset
+
+    write_dataset(tmp_path / "ham", SyntheticConfig(images_per_class=6, image_size=40, sites=2), seed=1)
+    write_dataset(tmp_path / "ext", SyntheticConfig(images_per_class=3, image_size=40, class_counts={"akiec": 0}), seed=2)
+    write_dataset(tmp_path / "isic", SyntheticConfig(
+        images_per_class=2, image_size=40, class_counts={c: 0 for c in CLASSES if c not in ("nv", "mel", "bkl")}), seed=3)
+    out = tmp_path / "quality.json"
+    tiny = ["pairs.epochs=1", "train.epochs=1", "pairs.batch_size=16", "train.batch_size=16", "validate.workers=1",
+            "augment.workers=1", "augment.image_size=32", "train.cache_workers=1", "evaluate.cache_workers=1",
+            "augment.max_copies=2"]
+    args = ["--data", str(tmp_path / "ham"), "--external", str(tmp_path / "ext"), "--isic", str(tmp_path / "isic"),
+            "--with-isic", "--holdout", "synthetic_2", "--quick", "--work", str(tmp_path / "work"), "--out", str(out)]
+    assert quality.main(args + [a for kv in tiny for a in ("--set", kv)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["split"], r["train_data"]) for r in res["runs"]] == [
+        ("random", "ham10000"), ("holdout", "ham10000"), ("random", "ham10000+isic"), ("holdout", "ham10000+isic")]
+    for run in res["runs"]:
+        assert set(run["models"]) == {"twin", "single_branch_ce", "mobilenet_v3_small"}
+        for m in run["models"].values():
+            assert m["external"]["n"] == 18 and "akiec" not in m["external"]["classes_present"]
+            assert len(m["test"]["overall"]["confusion_matrix"]) == len(CLASSES)
+        if run["split"] == "holdout":  # the held-out source is the whole test set
+            assert set(run["models"]["twin"]["test"]["per_source"]) == {"synthetic_2"}
+    text = capsys.readouterr().out
+    assert "ext BA" in text and "confusion matrices" in text
