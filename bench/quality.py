@@ -303,7 +303,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
     import torch
     import torchvision
 
-    from pipeline.core.inference import predict_batch_uint8
+    from pipeline.core.inference import apply_preprocess, predict_batch_uint8
     from pipeline.core.model import build_inference, count_parameters
     from pipeline.io.imagecache import load_image_cache
     from pipeline.io.modelstore import load_exported
@@ -351,6 +351,10 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             return man[man["split"] == name].sort_values("image_id")
 
         (x_tr, y_tr), (x_va, y_va) = arrays(split_rows("train"), "train"), arrays(split_rows("val"), "val")
+        # the augment stage colour-corrects only the train copies; val, test and external images get
+        # the export's colour constancy at scoring (as the twin does in predict_batch_uint8)
+        x_va, x_te_b = apply_preprocess(x_va, exported.meta), apply_preprocess(x_te, exported.meta)
+        ext_b = apply_preprocess(ext_x, exported.meta) if ext_x is not None else None
         makers = {
             "single_branch_ce": lambda: build_inference(cfg.model),
             "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=len(CLASSES)),
@@ -361,8 +365,8 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             torch.manual_seed(cfg.seed)
             model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed)
             models[name] = {
-                "test": model_report(y_te, _probs(model, x_te), sites, extra_sites),
-                "external": external_report(ext_y, _probs(model, ext_x)) if ext_x is not None else None,
+                "test": model_report(y_te, _probs(model, x_te_b), sites, extra_sites),
+                "external": external_report(ext_y, _probs(model, ext_b)) if ext_b is not None else None,
                 "params_inference": count_parameters(model), "seconds": round(time.perf_counter() - t0, 1),
             }
     return {"split": split, "train_data": train_data, "holdout_sources": list(cfg.data.split.holdout_sources),
