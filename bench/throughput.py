@@ -36,6 +36,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds for ``iters`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def bench_train(cfg, device_name: str, steps: int, warmup: int) -> dict:
     ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
     torch.manual_seed(0)
@@ -62,14 +74,7 @@ def bench_train(cfg, device_name: str, steps: int, warmup: int) -> dict:
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(warmup):
-        step()
-    _sync(ds.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(ds.device)
-    dt = time.perf_counter() - t0
+    dt = _timed(step, ds.device, warmup, steps)
     return {"device": ds.describe(), "batch_pairs": bs, "steps": steps, "pairs_per_s": bs * steps / dt}
 
 
@@ -122,14 +127,7 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
         with torch.inference_mode():
             predicted_labels(exported, predict_batch_uint8(exported, img, 1))
 
-    for _ in range(warmup):
-        once()
-    _sync(ds.device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        once()
-    _sync(ds.device)
-    dt = time.perf_counter() - t0
+    dt = _timed(once, ds.device, warmup, iters)
     return {"device": ds.describe(), "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
             "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta, "decision": "offsets"}
 

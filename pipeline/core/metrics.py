@@ -100,12 +100,7 @@ def classification_metrics(
     the probabilities."""
     classes = list(classes)
     n = len(classes)
-    y, p = _check(y_true, probs, n)
-    if y.size == 0:
-        raise ValueError("no samples")
-    pred = p.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    if pred.shape != y.shape:
-        raise ValueError(f"y_pred has {pred.size} labels for {y.size} samples")
+    y, p, pred = _labels(y_true, probs, n, y_pred)
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=np.arange(n), zero_division=0
     )
@@ -128,6 +123,19 @@ def classification_metrics(
     return out
 
 
+def _labels(
+    y_true: np.ndarray, probs: np.ndarray, n: int, y_pred: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked (y, probs, predicted labels): ``y_pred`` when a decision rule chose them, else arg-max."""
+    y, p = _check(y_true, probs, n)
+    if y.size == 0:
+        raise ValueError("no samples")
+    pred = p.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"y_pred has {pred.size} labels for {y.size} samples")
+    return y, p, pred
+
+
 SUBSET_KEYS: tuple[str, ...] = ("n", "balanced_accuracy", "accuracy", "macro_auc", "ece")
 
 
@@ -141,12 +149,7 @@ def subset_metrics(
     metrics use them; AUC and ECE the probabilities)."""
     classes = list(classes)
     n = len(classes)
-    y, p = _check(y_true, probs, n)
-    if y.size == 0:
-        raise ValueError("no samples")
-    pred = p.argmax(axis=1) if y_pred is None else np.asarray(y_pred, dtype=np.int64).reshape(-1)
-    if pred.shape != y.shape:
-        raise ValueError(f"y_pred has {pred.size} labels for {y.size} samples")
+    y, p, pred = _labels(y_true, probs, n, y_pred)
     cm = confusion_matrix(y, pred, n)
     support = cm.sum(axis=1)
     present = [c for c in range(n) if support[c] > 0]
