@@ -373,6 +373,28 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             "test_images": len(test), "models": models}  # fmt: skip
 
 
+def write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_used, runs) -> Path:
+    """The JSON result file (rewritten after every finished split)."""
+    import torch
+
+    out = {
+        "data": str(data),
+        "external": str(ns.external) if external is not None else None,
+        "external_skipped": skip_reason,
+        "isic_skipped": isic_skip,
+        "quick": ns.quick,
+        "rows": rows,
+        "config_overrides": overrides_used,
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+        "targets_twin": {"balanced_accuracy": 0.72, "macro_auc": 0.95, "params_inference": 1_000_000},
+    }
+    dest = Path(ns.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA / "ham10000-224"), help="HAM10000-layout training data")
@@ -433,22 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                                   extra_sites=("isic_archive",) if extra else (), rows=rows,
                                   baselines=not ns.skip_baselines))  # fmt: skip
             overrides_used = {k: v for k, v in overrides.items() if not k.startswith(("paths.", "data."))}
+            dest = write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_used, runs)
+            print(f"[quality] results so far written to {dest}", flush=True)  # a long run keeps finished splits
 
-    out = {
-        "data": str(data),
-        "external": str(ns.external) if external is not None else None,
-        "external_skipped": skip_reason,
-        "isic_skipped": isic_skip,
-        "quick": ns.quick,
-        "rows": rows,
-        "config_overrides": overrides_used,
-        "torch_threads": torch.get_num_threads(),
-        "runs": runs,
-        "targets_twin": {"balanced_accuracy": 0.72, "macro_auc": 0.94, "params_inference": 1_000_000},
-    }
-    dest = Path(ns.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
     print()
     print(format_tables(runs))
     if skip_reason:
