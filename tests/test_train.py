@@ -383,3 +383,18 @@ def test_image_size_comes_from_the_augmented_data_not_the_params(tmp_path: Path)
     (layout.augmented_dir / "meta.json").unlink()
     with pytest.raises(DataError, match=r"meta\.json not found: run `python -m pipeline augment` first"):
         run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1}))
+
+
+def test_training_removes_temporary_files_of_an_interrupted_checkpoint_write(tmp_path: Path) -> None:
+    from pipeline.stages.train import run_train
+
+    work = make_work(tmp_path / "w")
+    work.train_dir.mkdir(parents=True, exist_ok=True)
+    stale = [work.train_dir / ".best.pt.q06ci429.tmp", work.train_dir / ".last.pt.abc.tmp"]
+    for f in stale:
+        f.write_bytes(b"half a checkpoint")
+    keep = work.train_dir / "notes.txt"
+    keep.write_text("not ours to delete")
+    run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1, "pairs.epochs": 1}))
+    assert not any(f.exists() for f in stale) and keep.exists()
+    assert (work.train_dir / "best.pt").is_file()

@@ -33,6 +33,21 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: str | Path) -> list[str]:
+    """Delete what :func:`atomic_path` / :func:`atomic_dir` leave when a process is killed mid-write
+    (``.<name>.*.tmp`` in ``folder``). Only for a folder one writer owns (e.g. a run's train folder at
+    the start of training). Returns the names removed."""
+    folder = Path(folder)
+    removed = []
+    for tmp in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; it replaces ``target`` only on success."""

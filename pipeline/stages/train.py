@@ -74,7 +74,7 @@ from pipeline.core.training import (
 from pipeline.errors import DataError, PipelineError
 from pipeline.io import checkpoints
 from pipeline.io.compute import Dist, init_dist, resolve_device
-from pipeline.io.files import write_json, write_table
+from pipeline.io.files import remove_stale_temps, write_json, write_table
 from pipeline.io.imagecache import load_image_cache
 from pipeline.io.manifests import check_labels, read_augmented, read_pairs, split_rows
 from pipeline.labels import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
@@ -273,6 +273,9 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     start_epoch = 0
     last_path = layout.train_dir / "last.pt"
     best_path = layout.train_dir / "best.pt"
+    if dist.rank == 0:  # a kill -9 during a checkpoint write leaves its temporary file behind
+        for name in remove_stale_temps(layout.train_dir):
+            log.info("removed %s, left by an interrupted checkpoint write", name)
     ckpt = checkpoints.load_resumable(last_path, digest)
     if ckpt is not None:
         twin.load_state_dict(ckpt["model"])
