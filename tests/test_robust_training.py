@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_train import make_work, tiny_cfg
+from test_train import make_work, stopped_after_one_epoch, tiny_cfg
 
 
 def test_train_with_colour_constancy_records_it_and_corrects_val(tmp_path: Path) -> None:
@@ -132,17 +132,10 @@ def test_ema_weights_are_validated_and_exported(tmp_path: Path) -> None:
 
 
 def test_resume_with_ema_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.stages.train import STOP_ENV, TrainingStopped, run_train
+    from pipeline.stages.train import run_train
 
     extra = {"train.epochs": 3, "pairs.epochs": 2, "train.ema_decay": 0.9}
-    full = make_work(tmp_path / "full")
-    run_train(tiny_cfg(tmp_path / "full", **extra))
-    killed = make_work(tmp_path / "killed")
-    cfg = tiny_cfg(tmp_path / "killed", **extra)
-    monkeypatch.setenv(STOP_ENV, "1")
-    with pytest.raises(TrainingStopped):
-        run_train(cfg)
-    monkeypatch.delenv(STOP_ENV)
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
     assert run_train(cfg)["resumed_after_epoch"] == 1
     for name in ("best.pt", "last.pt"):
         a = torch.load(full.train_dir / name, map_location="cpu", weights_only=True)

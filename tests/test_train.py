@@ -265,20 +265,27 @@ def test_run_train_rejects_pairs_with_unknown_ids(tmp_path: Path) -> None:
         run_train(tiny_cfg(tmp_path / "w"))
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def stopped_after_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict):
+    """An uninterrupted run in ``full`` and one stopped after its first epoch in ``killed`` (same
+    params). Returns (full layout, killed layout, the killed run's config) for the resume checks."""
     from pipeline.stages.train import STOP_ENV, TrainingStopped, run_train
 
-    extra = {"train.epochs": 3, "pairs.epochs": 2}
     full = make_work(tmp_path / "full")
     run_train(tiny_cfg(tmp_path / "full", **extra))
-
     killed = make_work(tmp_path / "killed")
     cfg = tiny_cfg(tmp_path / "killed", **extra)
     monkeypatch.setenv(STOP_ENV, "1")
     with pytest.raises(TrainingStopped):
         run_train(cfg)
-    assert len(pd.read_csv(killed.train_dir / "history.csv")) == 1
     monkeypatch.delenv(STOP_ENV)
+    return full, killed, cfg
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from pipeline.stages.train import run_train
+
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, {"train.epochs": 3, "pairs.epochs": 2})
+    assert len(pd.read_csv(killed.train_dir / "history.csv")) == 1
     caplog.set_level("INFO", logger="pipeline.stages.train")
     summary = run_train(cfg)
     assert summary["resumed_after_epoch"] == 1
