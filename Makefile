@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup browser run ui repro test test-fast bench clean stack-up stack-down stack-status
+.PHONY: setup browser run run-real ui repro test test-fast bench clean stack-up stack-down stack-status
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -24,6 +24,9 @@ setup: $(STAMP)  ## create .venv from the lock file
 
 run: setup  ## the main job: the Airflow DAG end to end on the project's own synthetic data
 	$(BIN)/python -m pipeline.app.localrun
+
+run-real: setup  ## the same job on real HAM10000 data with params-real.yaml (data in ../shared/data/ham10000-224)
+	$(BIN)/python -m pipeline.app.localrun --params params-real.yaml
 
 ui: setup  ## the Airflow UI on make run's metadata DB (project DAG folder, no example DAGs)
 	$(BIN)/python -m pipeline.app.localrun ui

@@ -22,6 +22,8 @@ metrics over the classes it has, i.e. six without akiec), skipped with a reason 
 ``--with-isic`` runs every split twice: on HAM10000 alone and with ``--isic`` (default
 ``../shared/data/isic-archive-512``) added to the training sources (``data.source: multi``);
 ``ham_only`` then gives the test metrics over the HAM10000 sources only, comparable across both.
+The config is ``--params`` (default ``params-real.yaml``, the real-data config) with the data,
+split and work folder set per run; ``--set key=value`` changes any knob for a trial.
 ``--quick`` is a smoke run (few epochs, small images, a stratified subsample of the manifest and
 of the external set). Results: tables on stdout and ``bench/results/quality.json``. Targets for the
 twin model (issue 12): BA ≥ 0.72 on the random split; report the source-held-out and external
@@ -42,22 +44,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The benchmark's default config (on top of params.yaml); override with --set. Chosen on this
-# 2-core CPU (see bench/README.md): 64 px, one augmented copy per image with class balancing up to
-# 20 copies (rare classes get distinct augmented views, not repeats), the patent's unweighted
-# focal loss (alpha null: balancing comes from the copies), 12 epochs.
-BENCH_OVERRIDES: dict[str, object] = {
-    "augment.image_size": 64,
-    "augment.copies": 1,
-    "augment.max_copies": 20,
-    "pairs.epochs": 12,
-    "train.epochs": 12,
-    "train.batch_size": 64,
-    "train.lr": 0.004,
-    "loss.alpha": None,
+# The benchmark trains with the real-data config ``params-real.yaml`` (``--params``): the same file
+# `make run-real` and `dvc repro` with `--params params-real.yaml` use, so the benchmark's twin is the
+# model a user gets on real data. Only how the benchmark runs is set here, nothing about the model.
+DEFAULT_PARAMS = ROOT / "params-real.yaml"
+BENCH_RUN_OVERRIDES: dict[str, object] = {
     "train.progress": False,
-    "validate.workers": 2,
-    "augment.workers": 2,
 }
 
 
@@ -382,6 +374,7 @@ def write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_us
         "external": str(ns.external) if external is not None else None,
         "external_skipped": skip_reason,
         "isic_skipped": isic_skip,
+        "params": str(ns.params),
         "quick": ns.quick,
         "rows": rows,
         "config_overrides": overrides_used,
@@ -397,6 +390,7 @@ def write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_us
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file of the runs (default: params-real.yaml)")
     ap.add_argument("--data", default=str(DEFAULT_DATA / "ham10000-224"), help="HAM10000-layout training data")
     ap.add_argument("--external", default=str(DEFAULT_DATA / "derm7pt-384"), help="external test set (never trained on)")
     ap.add_argument("--isic", default=str(DEFAULT_DATA / "isic-archive-512"), help="extra training source of --with-isic")
@@ -442,14 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     runs, overrides_used = [], {}
     for train_name, extra in train_sets:
         for split in splits:
-            overrides = dict(BENCH_OVERRIDES)
+            overrides = dict(BENCH_RUN_OVERRIDES)
             if ns.quick:
                 overrides.update(QUICK_OVERRIDES)
             overrides.update(data_overrides(data, extra))
             overrides.update(split_overrides(split, holdout))
             overrides["paths.work_dir"] = str(Path(ns.work) / f"{train_name}-{split}")
             overrides.update(dict(parse_override(o) for o in ns.overrides))
-            cfg = load_config(ROOT / "params.yaml", overrides)
+            cfg = load_config(ns.params, overrides)
             print(f"[quality] === split {split}, training data {train_name} ===", flush=True)
             runs.append(run_split(cfg, split=split, train_data=train_name, external=external,
                                   extra_sites=("isic_archive",) if extra else (), rows=rows,

@@ -64,6 +64,11 @@ def test_model_report_and_tables():
     assert not any(isinstance(v, float) and math.isnan(v) for v in rep["overall"].values())
 
 
+def test_benchmark_trains_with_the_real_data_params():
+    assert quality.DEFAULT_PARAMS == ROOT / "params-real.yaml"
+    assert not any(k.startswith(("model.", "loss.", "augment.", "select.")) for k in quality.BENCH_RUN_OVERRIDES)
+
+
 def test_skips_without_data(tmp_path: Path, capsys):
     assert quality.main(["--data", str(tmp_path / "none")]) == 0
     assert "skip:" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,50 @@ def test_source_rules_need_the_registry_and_fail_at_load() -> None:
     with pytest.raises(ConfigError, match="data.csv: must be set"):
         load_params(PARAMS, {"data.source": "isic_csv", "data.root": "/x"})
     assert load_params(PARAMS, {"train.optimizer": "sgd", "train.momentum": 0.9}).train.momentum == 0.9
+
+
+# --- params-real.yaml: the real-data config is params.yaml with marked differences ---------------
+
+PARAMS_REAL = ROOT / "params-real.yaml"
+
+
+def _marked_keys(text: str, marker: str = "# real:") -> set[str]:
+    """Dotted keys of the lines of a block-style YAML file whose comment carries ``marker``."""
+    stack: list[tuple[int, str]] = []
+    marked = set()
+    for line in text.splitlines():
+        body = line.split("#", 1)[0]
+        m = re.match(r"^( *)([A-Za-z_][\w-]*):", body)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        if marker in line:
+            marked.add(".".join(k for _, k in stack))
+    return marked
+
+
+def test_params_real_has_the_same_keys_and_marks_every_difference() -> None:
+    from pipeline.config import flatten
+
+    base = flatten(yaml.safe_load(PARAMS.read_text()))
+    real = flatten(yaml.safe_load(PARAMS_REAL.read_text()))
+    assert set(real) == set(base), "params-real.yaml must spell out the same keys as params.yaml"
+    differing = {k for k in base if base[k] != real[k]}
+    assert differing == _marked_keys(PARAMS_REAL.read_text())
+    assert {"data.source", "data.root", "select.decision_rule", "registry.model_name"} <= differing
+
+
+def test_params_real_loads_with_its_own_registry_name() -> None:
+    from pipeline.app.params import load_params
+
+    cfg = load_params(PARAMS_REAL)
+    assert cfg.data.source == "ham10000" and Path(cfg.data.root).is_absolute()
+    assert cfg.registry.model_name != load_config(PARAMS).registry.model_name
+
+
+def test_marked_keys_follow_nesting() -> None:
+    text = "a:\n  b: 1  # real: x\n  c:\n    d: 2 # real: y\ne: 3\n"
+    assert _marked_keys(text) == {"a.b", "a.c.d"}
