@@ -336,11 +336,15 @@ class EvaluateConfig(_Section):
 class SelectConfig(_Section):
     # Decision rule fitted on the validation split and stored in the export (config.json
     # "decision"): balanced = per-class log-probability offsets maximising validation balanced
-    # accuracy (pipeline.core.decision); none = plain arg-max.
-    decision_rule: Literal["balanced", "none"] = "none"
-    # The offsets stay within [-offset_limit, offset_limit], searched in steps of offset_step.
+    # accuracy (pipeline.core.decision); prior = the model's own class prior on val divided out to
+    # the power tau fitted on val (one parameter); none = plain arg-max.
+    decision_rule: Literal["balanced", "prior", "none"] = "none"
+    # balanced: the offsets stay within [-offset_limit, offset_limit], searched in steps of offset_step.
     offset_limit: float = Field(2.0, ge=0, le=10)
     offset_step: float = Field(0.1, gt=0, le=1)
+    # prior: tau searched on 0, prior_power_step, ..., prior_power_max.
+    prior_power_max: float = Field(2.0, ge=0, le=10)
+    prior_power_step: float = Field(0.25, gt=0, le=10)
     # Test-time augmentation recorded in the export (config.json "tta") and applied by predict,
     # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views).
     # The decision rule is fitted on the probabilities this produces.

@@ -71,6 +71,34 @@ def test_offsets_never_hurt_stay_zero_when_nothing_to_gain_and_skip_absent_class
     np.testing.assert_array_equal(off0, np.zeros(7))
 
 
+def test_prior_power_divides_out_the_models_prior_with_one_fitted_exponent() -> None:
+    from pipeline.core.decision import apply_offsets, balanced_accuracy, fit_prior_power
+
+    y, p = _skewed()
+    off, info = fit_prior_power(y, p, max_power=2.0, step=0.25)
+    prior = p.mean(axis=0)
+    assert info["power"] > 0 and info["power"] % 0.25 == 0 and info["power"] <= 2.0
+    np.testing.assert_allclose(off, -info["power"] * np.log(prior), atol=1e-9)
+    np.testing.assert_allclose(info["prior"], prior)
+    assert off[3] == max(off)  # the class the network rarely predicts is lifted the most
+    assert info["balanced_accuracy_offsets"] > info["balanced_accuracy_argmax"] + 0.05
+    assert balanced_accuracy(y, apply_offsets(p, off), 7) == pytest.approx(info["balanced_accuracy_offsets"])
+    np.testing.assert_array_equal(off, fit_prior_power(y, p, 2.0, 0.25)[0])
+    y2, p2 = _skewed(seed=1)  # held-out data from the same distribution
+    assert balanced_accuracy(y2, apply_offsets(p2, off), 7) > balanced_accuracy(y2, p2.argmax(axis=1), 7)
+    # nothing to gain: tau stays 0 (arg-max); max_power 0 = arg-max; bad grids are refused
+    yp = np.arange(7).repeat(3)
+    perfect = np.full((yp.size, 7), 0.01)
+    perfect[np.arange(yp.size), yp] = 0.94
+    off0, info0 = fit_prior_power(yp, perfect)
+    assert info0["power"] == 0 and not np.any(off0) and not np.signbit(off0).any()
+    assert not np.any(fit_prior_power(y, p, max_power=0.0)[0])
+    with pytest.raises(ValueError, match="step"):
+        fit_prior_power(y, p, step=0)
+    with pytest.raises(ValueError, match="y_true"):
+        fit_prior_power(y + 7, p)
+
+
 def test_decision_meta_round_trip() -> None:
     from pipeline.core.decision import decision_meta, offsets_of
 
@@ -271,6 +299,11 @@ def test_select_fits_the_rule_on_val_and_evaluate_reports_both(tmp_path: Path) -
     metrics = json.loads(Path(ev["metrics"]).read_text())
     for key in ("argmax_accuracy", "argmax_balanced_accuracy", "argmax_macro_f1", "balanced_accuracy"):
         assert key in metrics
+    # decision_rule prior: the same kind of export (offsets), one fitted power
+    out = run_select(cfg.with_overrides({"select.decision_rule": "prior"}))
+    meta = json.loads((tmp_path / "w" / "models" / "export" / "config.json").read_text())
+    assert out["decision_fit"] == "prior" and 0 <= out["decision_prior_power"] <= 2.0
+    assert meta["decision"]["rule"] == "offsets" and len(meta["decision"]["offsets"]) == 7
     # decision_rule none: arg-max recorded, both metric sets equal
     run_select(cfg.with_overrides({"select.decision_rule": "none"}))
     meta = json.loads((tmp_path / "w" / "models" / "export" / "config.json").read_text())

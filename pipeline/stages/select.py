@@ -10,10 +10,11 @@ trained.
 
 It also records how the model is used (:mod:`pipeline.io.modelstore`): the colour constancy of
 training (from ``best.pt``), the test-time augmentation (``select.tta``) and, with
-``select.decision_rule: balanced``, the decision rule: per-class log-probability offsets fitted on
-the **validation** split (``data/augmented``, scored exactly as inference scores:
-:func:`pipeline.core.inference.predict_batch_uint8`) to maximise balanced accuracy
-(:func:`pipeline.core.decision.fit_offsets`). ``none`` records plain arg-max.
+``select.decision_rule: balanced`` or ``prior``, the decision rule: per-class log-probability offsets
+fitted on the **validation** split (``data/augmented``, scored exactly as inference scores:
+:func:`pipeline.core.inference.predict_batch_uint8`) to maximise balanced accuracy -- seven free
+offsets (:func:`pipeline.core.decision.fit_offsets`) or the model's class prior divided out to one
+fitted power (:func:`pipeline.core.decision.fit_prior_power`). ``none`` records plain arg-max.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, ModelConfig
-from pipeline.core.decision import decision_meta, fit_offsets
+from pipeline.core.decision import decision_meta, fit_offsets, fit_prior_power
 from pipeline.core.inference import predict_batch_uint8
 from pipeline.core.model import build_twin, count_parameters, inference_model
 from pipeline.core.schema import AUGMENTED_COLUMNS
@@ -55,7 +56,7 @@ def run_select(cfg: Config) -> dict[str, Any]:
     meta = build_meta(best, selected, count_parameters(inf))
     meta["tta"] = cfg.select.tta
     fit: dict[str, Any] = {}
-    if cfg.select.decision_rule == "balanced":
+    if cfg.select.decision_rule != "none":
         offsets, fit = fit_decision(ExportedModel(model=inf, meta=meta), cfg, layout)
         meta["decision"] = decision_meta(offsets)
     with atomic_dir(layout.export_dir) as tmp:
@@ -72,20 +73,27 @@ def run_select(cfg: Config) -> dict[str, Any]:
         "export_dir": str(layout.export_dir),
         "portable": meta["portable"],
         "decision": meta["decision"]["rule"],
+        "decision_fit": cfg.select.decision_rule,
+        **({"decision_prior_power": fit["power"]} if "power" in fit else {}),
         "tta": meta["tta"],
         **{f"val_{k}": v for k, v in fit.items() if k.startswith("balanced_accuracy")},
     }
 
 
 def fit_decision(exported: ExportedModel, cfg: Config, layout: Layout) -> tuple[np.ndarray, dict[str, Any]]:
-    """Offsets maximising balanced accuracy on the val split, scored like inference scores."""
+    """Offsets maximising balanced accuracy on the val split (``select.decision_rule``: seven free
+    offsets or one prior power), scored like inference scores."""
     aug = read_parquet(layout.augmented_manifest, "augment", AUGMENTED_COLUMNS)
     val = split_rows(aug, "val", str(layout.augmented_manifest), "the decision rule is fitted on the val split")
     y = label_index(val, str(layout.augmented_manifest))
     images = load_images(val, layout.augmented_dir, exported.image_size, cfg, name="select-val",
                          workers=cfg.select.cache_workers)
     probs = predict_batch_uint8(exported, images, cfg.select.batch_size)
-    offsets, info = fit_offsets(y, probs, cfg.select.offset_limit, cfg.select.offset_step)
+    sc = cfg.select
+    if sc.decision_rule == "prior":
+        offsets, info = fit_prior_power(y, probs, sc.prior_power_max, sc.prior_power_step)
+    else:
+        offsets, info = fit_offsets(y, probs, sc.offset_limit, sc.offset_step)
     log.info("decision rule: val balanced accuracy %.4f (arg-max) -> %.4f (offsets %s)",
              info["balanced_accuracy_argmax"], info["balanced_accuracy_offsets"], np.round(offsets, 2).tolist())
     return offsets, info
