@@ -192,6 +192,52 @@ def external_report(y, probs, y_pred=None) -> dict:
     return detail_report(CLASSES, subset_metrics(y, probs, y_pred=y_pred), {})["overall"]
 
 
+RULES: tuple[str, ...] = ("argmax", "balanced", "prior")
+
+
+def rule_comparison(y_val, p_val, y_test, p_test, y_ext=None, p_ext=None, select=None) -> dict:
+    """The three decision rules of :mod:`pipeline.core.decision` on one model's probabilities: each
+    fitted on the validation split (``select``: the ``select`` config section for the grids), then
+    scored on the test split and, when given, the external set. ``{rule: {test: {...}, external:
+    {...} | None, val_balanced_accuracy, offsets}}``; BA / accuracy only (AUC does not depend on the
+    rule)."""
+    from pipeline.core.decision import apply_offsets, balanced_accuracy, fit_offsets, fit_prior_power
+
+    limit, step = (select.offset_limit, select.offset_step) if select else (2.0, 0.1)
+    pmax, pstep = (select.prior_power_max, select.prior_power_step) if select else (2.0, 0.25)
+    fitted = {
+        "argmax": np.zeros(p_val.shape[1]),
+        "balanced": fit_offsets(y_val, p_val, limit, step)[0],
+        "prior": fit_prior_power(y_val, p_val, pmax, pstep)[0],
+    }
+
+    def scores(y, p, off, external: bool = False):
+        if y is None or p is None:
+            return None
+        pred = apply_offsets(p, off)
+        if external:  # BA over the classes the external set has (as external_report)
+            r = external_report(y, p, pred)
+            return {"balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]}
+        return {"balanced_accuracy": balanced_accuracy(y, pred, p.shape[1]), "accuracy": float(np.mean(pred == y))}
+
+    return {name: {"val_balanced_accuracy": balanced_accuracy(y_val, apply_offsets(p_val, off), p_val.shape[1]),
+                   "test": scores(y_test, p_test, off), "external": scores(y_ext, p_ext, off, external=True),
+                   "offsets": [round(float(v), 4) for v in off]}
+            for name, off in fitted.items()}  # fmt: skip
+
+
+def format_rules(runs: list[dict]) -> str:
+    """The twin's decision-rule comparison of every run (see :func:`rule_comparison`)."""
+    lines = [f"{'split':<9} {'train data':<13} {'twin rule':<10} {'val BA':>6} {'BA':>6} {'acc':>6} {'ext BA':>6} {'ext acc':>7}"]
+    for run in runs:
+        for rule, r in (run["models"]["twin"].get("rules") or {}).items():
+            ext = r["external"] or {}
+            lines.append(f"{run['split']:<9} {run['train_data']:<13} {rule:<10} {_f(r['val_balanced_accuracy'])} "
+                         f"{_f(r['test']['balanced_accuracy'])} {_f(r['test']['accuracy'])} "
+                         f"{_f(ext.get('balanced_accuracy'))} {_f(ext.get('accuracy'), 7)}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def decision_labels(exported, probs):
     """The export's decision-rule labels where the pipeline has one (``predicted_labels``), else arg-max."""
     try:
@@ -328,13 +374,17 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         ext_y = external["label"].map(CLASS_TO_INDEX).to_numpy()
     metrics = json.loads(layout.metrics.read_text())
     twin_probs = predict_batch_uint8(exported, x_te, cfg.evaluate.batch_size)
-    twin_ext = None
+    twin_ext = ext_probs = None
     if ext_x is not None:
         ext_probs = predict_batch_uint8(exported, ext_x, cfg.evaluate.batch_size)
         twin_ext = external_report(ext_y, ext_probs, decision_labels(exported, ext_probs))
+    val = man[man["split"] == "val"].sort_values("image_id").reset_index(drop=True)
+    x_val_raw, y_val = arrays(val, "val")
+    rules = rule_comparison(y_val, predict_batch_uint8(exported, x_val_raw, cfg.evaluate.batch_size), y_te,
+                            twin_probs, ext_y, ext_probs, cfg.select)
     models = {"twin": {
         "test": model_report(y_te, twin_probs, sites, extra_sites, decision_labels(exported, twin_probs)),
-        "external": twin_ext,
+        "external": twin_ext, "rules": rules,
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
     }}  # fmt: skip
@@ -342,7 +392,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         def split_rows(name: str):
             return man[man["split"] == name].sort_values("image_id")
 
-        (x_tr, y_tr), (x_va, y_va) = arrays(split_rows("train"), "train"), arrays(split_rows("val"), "val")
+        (x_tr, y_tr), (x_va, y_va) = arrays(split_rows("train"), "train"), (x_val_raw, y_val)
         # the augment stage colour-corrects only the train copies; val, test and external images get
         # the export's colour constancy at scoring (as the twin does in predict_batch_uint8)
         x_va, x_te_b = apply_preprocess(x_va, exported.meta), apply_preprocess(x_te, exported.meta)
@@ -454,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(format_tables(runs))
+    print()
+    print(format_rules(runs))
     if skip_reason:
         print(f"\nexternal test skipped: {skip_reason}")
     print(f"\nwritten {dest}")

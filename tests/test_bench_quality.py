@@ -64,6 +64,33 @@ def test_model_report_and_tables():
     assert not any(isinstance(v, float) and math.isnan(v) for v in rep["overall"].values())
 
 
+def test_rule_comparison_fits_on_val_and_scores_test_and_external():
+    rng = np.random.default_rng(3)
+
+    def skewed(n):  # separable classes, class 3 under-predicted (a prior shift)
+        y = np.repeat(np.arange(len(CLASSES)), n)
+        logits = rng.normal(0, 1, (y.size, len(CLASSES)))
+        logits[np.arange(y.size), y] += 2.0
+        logits[:, 3] -= 2.5
+        p = np.exp(logits)
+        return y, p / p.sum(axis=1, keepdims=True)
+
+    (yv, pv), (yt, pt), (ye, pe) = skewed(30), skewed(30), skewed(10)
+    ye, pe = ye[ye != 0], pe[ye != 0]  # the external set lacks class 0 (as Derm7pt lacks akiec)
+    res = quality.rule_comparison(yv, pv, yt, pt, ye, pe)
+    assert set(res) == set(quality.RULES)
+    assert res["argmax"]["offsets"] == [0.0] * len(CLASSES)
+    assert res["argmax"]["test"]["accuracy"] == pytest.approx(np.mean(pt.argmax(1) == yt))
+    for rule in ("balanced", "prior"):  # fitted on val: never below arg-max there, and it transfers
+        assert res[rule]["val_balanced_accuracy"] >= res["argmax"]["val_balanced_accuracy"]
+        assert res[rule]["test"]["balanced_accuracy"] > res["argmax"]["test"]["balanced_accuracy"]
+        assert res[rule]["external"]["balanced_accuracy"] is not None
+    assert quality.rule_comparison(yv, pv, yt, pt)["prior"]["external"] is None
+    text = quality.format_rules([{"split": "random", "train_data": "ham10000", "models": {"twin": {"rules": res}}}])
+    assert "prior" in text and "balanced" in text and "val BA" in text
+    json.dumps(res, allow_nan=False)
+
+
 def test_benchmark_trains_with_the_real_data_params():
     assert quality.DEFAULT_PARAMS == ROOT / "params-real.yaml"
     assert not any(k.startswith(("model.", "loss.", "augment.", "select.")) for k in quality.BENCH_RUN_OVERRIDES)
@@ -103,4 +130,5 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
         if run["split"] == "holdout":  # the held-out source is the whole test set
             assert set(run["models"]["twin"]["test"]["per_source"]) == {"synthetic_2"}
     text = capsys.readouterr().out
-    assert "ext BA" in text and "confusion matrices" in text
+    assert "ext BA" in text and "confusion matrices" in text and "twin rule" in text
+    assert set(res["runs"][0]["models"]["twin"]["rules"]) == set(quality.RULES)
