@@ -70,6 +70,19 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) ->
     return float((hits[present] / support[present]).mean()) if present.any() else float("nan")
 
 
+def _checked(y_true, probs, bound_name: str, bound: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(y (N,) int64, probs (N, C) float64)`` of a fit, or ValueError naming what is wrong."""
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != y.shape[0] or y.size == 0:
+        raise ValueError(f"probs must be (N, C) with N = {y.shape[0]} > 0, got shape {p.shape}")
+    if not (bound >= 0 and step > 0):
+        raise ValueError(f"need {bound_name} >= 0 and step > 0, got {bound_name}={bound}, step={step}")
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise ValueError(f"y_true values must be in 0..{p.shape[1] - 1}")
+    return y, p
+
+
 def fit_offsets(
     y_true: np.ndarray, probs: np.ndarray, limit: float = 2.0, step: float = 0.1, rounds: int = 10
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -79,15 +92,9 @@ def fit_offsets(
     ``balanced_accuracy_offsets`` (both on the fitting data), ``rounds`` used. The offsets never
     leave ``[-limit, limit]`` and the fitted balanced accuracy is never below arg-max's.
     """
-    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    lp = log_probs(probs)
-    if lp.ndim != 2 or lp.shape[0] != y.shape[0] or y.size == 0:
-        raise ValueError(f"probs must be (N, C) with N = {y.shape[0]} > 0, got shape {lp.shape}")
-    if not (limit >= 0 and step > 0):
-        raise ValueError(f"need limit >= 0 and step > 0, got limit={limit}, step={step}")
+    y, p = _checked(y_true, probs, "limit", limit, step)
+    lp = log_probs(p)
     n = lp.shape[1]
-    if y.min() < 0 or y.max() >= n:
-        raise ValueError(f"y_true values must be in 0..{n - 1}")
     k = int(np.floor(limit / step + 1e-9))
     grid = np.arange(-k, k + 1, dtype=np.float64) * step
     grid = grid[np.argsort(np.abs(grid), kind="stable")]  # nearest 0 first: ties keep the smallest offset
@@ -127,15 +134,8 @@ def fit_prior_power(
     Returns ``(offsets (C,) float64, info)`` with ``info`` = ``balanced_accuracy_argmax``,
     ``balanced_accuracy_offsets``, ``power`` (tau) and ``prior`` (C floats).
     """
-    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2 or p.shape[0] != y.shape[0] or y.size == 0:
-        raise ValueError(f"probs must be (N, C) with N = {y.shape[0]} > 0, got shape {p.shape}")
-    if not (max_power >= 0 and step > 0):
-        raise ValueError(f"need max_power >= 0 and step > 0, got max_power={max_power}, step={step}")
+    y, p = _checked(y_true, probs, "max_power", max_power, step)
     n = p.shape[1]
-    if y.min() < 0 or y.max() >= n:
-        raise ValueError(f"y_true values must be in 0..{n - 1}")
     lp = log_probs(p)
     log_prior = log_probs(p.mean(axis=0, keepdims=True))[0]
     base = balanced_accuracy(y, lp.argmax(axis=1), n)
