@@ -198,18 +198,15 @@ RULES: tuple[str, ...] = ("argmax", "balanced", "prior")
 def rule_comparison(y_val, p_val, y_test, p_test, y_ext=None, p_ext=None, select=None) -> dict:
     """The three decision rules of :mod:`pipeline.core.decision` on one model's probabilities: each
     fitted on the validation split (``select``: the ``select`` config section for the grids), then
-    scored on the test split and, when given, the external set. ``{rule: {test: {...}, external:
-    {...} | None, val_balanced_accuracy, offsets}}``; BA / accuracy only (AUC does not depend on the
+    scored on the test split and, when given, the external set (``select`` None: the defaults).
+    ``{rule: {test: {...}, external: {...} | None, val_balanced_accuracy, offsets}}``; BA / accuracy only (AUC does not depend on the
     rule)."""
-    from pipeline.core.decision import apply_offsets, balanced_accuracy, fit_offsets, fit_prior_power
+    from pipeline.config import SelectConfig
+    from pipeline.core.decision import apply_offsets, balanced_accuracy, fit_rule
 
-    limit, step = (select.offset_limit, select.offset_step) if select else (2.0, 0.1)
-    pmax, pstep = (select.prior_power_max, select.prior_power_step) if select else (2.0, 0.25)
-    fitted = {
-        "argmax": np.zeros(p_val.shape[1]),
-        "balanced": fit_offsets(y_val, p_val, limit, step)[0],
-        "prior": fit_prior_power(y_val, p_val, pmax, pstep)[0],
-    }
+    select = select or SelectConfig()
+    fitted = {"argmax": np.zeros(p_val.shape[1])}
+    fitted.update({rule: fit_rule(rule, y_val, p_val, select)[0] for rule in RULES[1:]})
 
     def scores(y, p, off, external: bool = False):
         if y is None or p is None:

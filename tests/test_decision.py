@@ -308,3 +308,15 @@ def test_select_fits_the_rule_on_val_and_evaluate_reports_both(tmp_path: Path) -
     run_select(cfg.with_overrides({"select.decision_rule": "none"}))
     meta = json.loads((tmp_path / "w" / "models" / "export" / "config.json").read_text())
     assert meta["decision"] == {"rule": "argmax", "offsets": None}
+
+
+def test_fit_rule_dispatches_to_the_configured_fit() -> None:
+    from pipeline.config import SelectConfig
+    from pipeline.core.decision import fit_offsets, fit_prior_power, fit_rule
+
+    y, p = _skewed()
+    sc = SelectConfig(offset_limit=1.0, offset_step=0.2, prior_power_max=1.5, prior_power_step=0.5)
+    np.testing.assert_array_equal(fit_rule("balanced", y, p, sc)[0], fit_offsets(y, p, 1.0, 0.2)[0])
+    np.testing.assert_array_equal(fit_rule("prior", y, p, sc)[0], fit_prior_power(y, p, 1.5, 0.5)[0])
+    with pytest.raises(ValueError, match="unknown decision rule"):
+        fit_rule("none", y, p, sc)

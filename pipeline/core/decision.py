@@ -21,8 +21,8 @@ the registry gate all go through it):
       decision for it; ``tau`` tempers it. One parameter instead of seven: with 9 ``df`` and 12
       ``vasc`` validation images in HAM10000, seven free offsets over-fit the validation split
       (bench/README.md, issue 12 trials).
-    It corrects the class prior the network learned from the balanced copies without dividing by
-    the training prior (which over-shoots). The probabilities themselves are **not** changed: the
+    Both correct the class prior the network learned from the balanced copies without dividing by
+    the training-set prior (which over-shoots). The probabilities themselves are **not** changed: the
     reported probabilities stay the network's softmax; only the label moves.
 
 :func:`fit_offsets` is coordinate ascent over a bounded grid: starting at 0, each class in turn
@@ -148,6 +148,16 @@ def fit_prior_power(
     offsets = np.round(-best_tau * log_prior, 10) + 0.0  # + 0.0: no -0.0 in config.json
     return offsets, {"balanced_accuracy_argmax": base, "balanced_accuracy_offsets": best,
                      "power": round(best_tau, 10), "prior": [float(v) for v in np.exp(log_prior)]}  # fmt: skip
+
+
+def fit_rule(rule: str, y_true: np.ndarray, probs: np.ndarray, select: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The offsets of decision rule ``rule`` (``balanced`` | ``prior``) fitted on (``y_true``,
+    ``probs``), with the grids of ``select`` (the config's ``select`` section)."""
+    if rule == "prior":
+        return fit_prior_power(y_true, probs, select.prior_power_max, select.prior_power_step)
+    if rule == "balanced":
+        return fit_offsets(y_true, probs, select.offset_limit, select.offset_step)
+    raise ValueError(f"unknown decision rule {rule!r}; choose balanced or prior")
 
 
 def decision_meta(offsets: np.ndarray | None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, ModelConfig
-from pipeline.core.decision import decision_meta, fit_offsets, fit_prior_power
+from pipeline.core.decision import decision_meta, fit_rule
 from pipeline.core.inference import predict_batch_uint8
 from pipeline.core.model import build_twin, count_parameters, inference_model
 from pipeline.core.schema import AUGMENTED_COLUMNS
@@ -89,11 +89,7 @@ def fit_decision(exported: ExportedModel, cfg: Config, layout: Layout) -> tuple[
     images = load_images(val, layout.augmented_dir, exported.image_size, cfg, name="select-val",
                          workers=cfg.select.cache_workers)
     probs = predict_batch_uint8(exported, images, cfg.select.batch_size)
-    sc = cfg.select
-    if sc.decision_rule == "prior":
-        offsets, info = fit_prior_power(y, probs, sc.prior_power_max, sc.prior_power_step)
-    else:
-        offsets, info = fit_offsets(y, probs, sc.offset_limit, sc.offset_step)
+    offsets, info = fit_rule(cfg.select.decision_rule, y, probs, cfg.select)
     log.info("decision rule: val balanced accuracy %.4f (arg-max) -> %.4f (offsets %s)",
              info["balanced_accuracy_argmax"], info["balanced_accuracy_offsets"], np.round(offsets, 2).tolist())
     return offsets, info
