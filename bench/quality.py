@@ -199,8 +199,8 @@ def rule_comparison(y_val, p_val, y_test, p_test, y_ext=None, p_ext=None, select
     """The three decision rules of :mod:`pipeline.core.decision` on one model's probabilities: each
     fitted on the validation split (``select``: the ``select`` config section for the grids), then
     scored on the test split and, when given, the external set (``select`` None: the defaults).
-    ``{rule: {test: {...}, external: {...} | None, val_balanced_accuracy, offsets}}``; BA / accuracy only (AUC does not depend on the
-    rule)."""
+    ``{rule: {test: {...}, external: {...} | None, val_balanced_accuracy, offsets}}``; BA and
+    accuracy only (AUC does not depend on the rule)."""
     from pipeline.config import SelectConfig
     from pipeline.core.decision import apply_offsets, balanced_accuracy, fit_rule
 
