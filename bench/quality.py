@@ -14,8 +14,11 @@ augmented train images, two baselines:
   plain classifier with cross-entropy, same epochs/optimizer/schedule (does twin training help?);
 * ``mobilenet_v3_small`` — torchvision MobileNetV3-Small from scratch (no downloaded weights).
 
-Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2). Every model is
-scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matrix and the same per
+Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2), trains on the
+twin's device and precision (``train.device``: CUDA with autocast/channels_last when present) and
+gets the twin's decision rule (``select.decision_rule``) fitted on its own val probabilities, so the
+headline BA compares models under one rule; every model's arg-max / balanced / prior figures are in
+the rule table. Every model is scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matrix and the same per
 acquisition source (:func:`pipeline.core.metrics.per_group_metrics`) -- and on the **external**
 test set ``--external`` (default ``../shared/data/derm7pt-384``; never trained or selected on;
 metrics over the classes it has, i.e. six without akiec), skipped with a reason when absent.
@@ -25,7 +28,8 @@ metrics over the classes it has, i.e. six without akiec), skipped with a reason 
 The config is ``--params`` (default ``params-real.yaml``, the real-data config) with the data,
 split and work folder set per run; ``--set key=value`` changes any knob for a trial.
 ``--quick`` is a smoke run (few epochs, small images, a stratified subsample of the manifest and
-of the external set). Results: tables on stdout and ``bench/results/quality.json``. Targets for the
+of the external set). Results: tables on stdout and ``bench/results/quality.json``, rewritten
+after every finished model (a run stopped by a time limit keeps what it finished). Targets for the
 twin model (issue 12): BA ≥ 0.72 on the random split; report the source-held-out and external
 figures next to it.
 """
@@ -53,30 +57,35 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 }
 
 
-def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int) -> tuple[object, list[dict]]:
-    """Plain cross-entropy training, lowest validation loss kept; same optimizer/schedule as the twin."""
+def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
+    """Plain cross-entropy training, lowest validation loss kept; same optimizer/schedule as the twin,
+    on the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`: CUDA with
+    autocast and channels_last when ``train.device`` gives one, else CPU float32)."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.core.imaging import to_model_input
     from pipeline.core.training import build_optimizer, lr_factor
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
+    model.to(ds.device)
+    if ds.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), tc)
+    scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
     bs = tc.batch_size
     steps_per_epoch = max(1, len(x_train) // bs)
     total = steps_per_epoch * tc.epochs
     best_loss, best_state, history, step = float("inf"), None, [], 0
     xt, yt = torch.from_numpy(np.asarray(x_train)), torch.from_numpy(y_train).long()
-    xv, yv = torch.from_numpy(np.asarray(x_val)), torch.from_numpy(y_val).long()
+    xv, yv = torch.from_numpy(np.asarray(x_val)), torch.from_numpy(y_val).long().to(ds.device)
     for epoch in range(tc.epochs):
         model.train()
         order = torch.randperm(len(xt), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * bs : (b + 1) * bs]
-            x = to_model_input(xt[idx])
+            x = ds.to_input(xt[idx])
             if tc.online_flip:
                 if torch.rand(1, generator=gen).item() < 0.5:
                     x = x.flip(3)
@@ -84,15 +93,17 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int) -> tu
                     x = x.flip(2)
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, 0, tc.schedule)
-            loss = F.cross_entropy(model(x), yt[idx])
+            with ds.autocast():
+                loss = F.cross_entropy(model(x).float(), yt[idx].to(ds.device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), ds.autocast():
             val_loss = sum(
-                F.cross_entropy(model(to_model_input(xv[i : i + 256])), yv[i : i + 256], reduction="sum").item()
+                F.cross_entropy(model(ds.to_input(xv[i : i + 256])).float(), yv[i : i + 256], reduction="sum").item()
                 for i in range(0, len(xv), 256)
             ) / len(xv)
         history.append({"epoch": epoch + 1, "val_loss": val_loss})
@@ -103,15 +114,14 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int) -> tu
     return model.eval(), history
 
 
-def _probs(model, x) -> np.ndarray:
+def _probs(model, x, ds) -> np.ndarray:
     import torch
 
-    from pipeline.core.imaging import to_model_input
-
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), ds.autocast():
         for i in range(0, len(x), 256):
-            out.append(torch.softmax(model(to_model_input(torch.from_numpy(np.asarray(x[i : i + 256])))), 1).numpy())
+            logits = model(ds.to_input(torch.from_numpy(np.asarray(x[i : i + 256])))).float()
+            out.append(torch.softmax(logits, 1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -224,15 +234,23 @@ def rule_comparison(y_val, p_val, y_test, p_test, y_ext=None, p_ext=None, select
 
 
 def format_rules(runs: list[dict]) -> str:
-    """The twin's decision-rule comparison of every run (see :func:`rule_comparison`)."""
-    lines = [f"{'split':<9} {'train data':<13} {'twin rule':<10} {'val BA':>6} {'BA':>6} {'acc':>6} {'ext BA':>6} {'ext acc':>7}"]
+    """The decision-rule comparison (:func:`rule_comparison`) of every model of every run."""
+    lines = [f"{'split':<9} {'train data':<13} {'model':<19} {'rule':<9} {'val BA':>6} {'BA':>6} {'acc':>6} "
+             f"{'ext BA':>6} {'ext acc':>7}"]  # fmt: skip
     for run in runs:
-        for rule, r in (run["models"]["twin"].get("rules") or {}).items():
-            ext = r["external"] or {}
-            lines.append(f"{run['split']:<9} {run['train_data']:<13} {rule:<10} {_f(r['val_balanced_accuracy'])} "
-                         f"{_f(r['test']['balanced_accuracy'])} {_f(r['test']['accuracy'])} "
-                         f"{_f(ext.get('balanced_accuracy'))} {_f(ext.get('accuracy'), 7)}")  # fmt: skip
+        for model, m in run["models"].items():
+            for rule, r in (m.get("rules") or {}).items():
+                ext = r["external"] or {}
+                lines.append(f"{run['split']:<9} {run['train_data']:<13} {model:<19} {rule:<9} "
+                             f"{_f(r['val_balanced_accuracy'])} {_f(r['test']['balanced_accuracy'])} "
+                             f"{_f(r['test']['accuracy'])} {_f(ext.get('balanced_accuracy'))} "
+                             f"{_f(ext.get('accuracy'), 7)}")  # fmt: skip
     return "\n".join(lines)
+
+
+def configured_rule(select) -> str:
+    """The :data:`RULES` name of the config's ``select.decision_rule`` (``none`` is arg-max)."""
+    return "argmax" if select.decision_rule == "none" else select.decision_rule
 
 
 def decision_labels(exported, probs):
@@ -331,15 +349,18 @@ def run_pipeline(cfg, rows: int | None) -> dict[str, float]:
 
 
 def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[str, ...], rows: int | None,
-              baselines: bool) -> dict:
+              baselines: bool, on_model=None) -> dict:
     """One split: the twin through the pipeline, the baselines on the same augmented images; every
-    model on the test split and the external set."""
+    model on the test split and the external set. ``on_model(run)`` gets the split's result so far
+    after each model (the caller writes it, so a long run that is stopped keeps its finished models)."""
     import pandas as pd
     import torch
     import torchvision
 
+    from pipeline.core.decision import apply_offsets
     from pipeline.core.inference import apply_preprocess, predict_batch_uint8
     from pipeline.core.model import build_inference, count_parameters
+    from pipeline.io.compute import resolve_device
     from pipeline.io.imagecache import load_image_cache
     from pipeline.io.modelstore import load_exported
     from pipeline.io.scoring import load_images
@@ -384,7 +405,12 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         "external": twin_ext, "rules": rules,
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
+        "device": json.loads((layout.train_dir / "best.json").read_text())["device"],
     }}  # fmt: skip
+    run = {"split": split, "train_data": train_data, "holdout_sources": list(cfg.data.split.holdout_sources),
+           "test_images": len(test), "models": models}  # fmt: skip
+    if on_model is not None:
+        on_model(run)
     if baselines:
         def split_rows(name: str):
             return man[man["split"] == name].sort_values("image_id")
@@ -394,6 +420,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         # the export's colour constancy at scoring (as the twin does in predict_batch_uint8)
         x_va, x_te_b = apply_preprocess(x_va, exported.meta), apply_preprocess(x_te, exported.meta)
         ext_b = apply_preprocess(ext_x, exported.meta) if ext_x is not None else None
+        ds = resolve_device(cfg.train)  # the twin's device and precision (train stage)
         makers = {
             "single_branch_ce": lambda: build_inference(cfg.model),
             "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=len(CLASSES)),
@@ -402,14 +429,23 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             print(f"[quality] baseline {name} ...", flush=True)
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed)
+            model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed, ds)
+            p_te = _probs(model, x_te_b, ds)
+            p_ext = _probs(model, ext_b, ds) if ext_b is not None else None
+            # the twin's decision rule (select.decision_rule), fitted the same way on the baseline's
+            # own val probabilities: the headline BA compares models, not rules (arg-max in "rules")
+            b_rules = rule_comparison(y_va, _probs(model, x_va, ds), y_te, p_te, ext_y, p_ext, cfg.select)
+            offsets = np.asarray(b_rules[configured_rule(cfg.select)]["offsets"])
             models[name] = {
-                "test": model_report(y_te, _probs(model, x_te_b), sites, extra_sites),
-                "external": external_report(ext_y, _probs(model, ext_b)) if ext_b is not None else None,
+                "test": model_report(y_te, p_te, sites, extra_sites, apply_offsets(p_te, offsets)),
+                "external": external_report(ext_y, p_ext, apply_offsets(p_ext, offsets)) if p_ext is not None else None,
+                "rules": b_rules, "decision_rule": configured_rule(cfg.select),
                 "params_inference": count_parameters(model), "seconds": round(time.perf_counter() - t0, 1),
+                "device": ds.describe(),
             }
-    return {"split": split, "train_data": train_data, "holdout_sources": list(cfg.data.split.holdout_sources),
-            "test_images": len(test), "models": models}  # fmt: skip
+            if on_model is not None:
+                on_model(run)
+    return run
 
 
 def write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_used, runs) -> Path:
@@ -492,10 +528,14 @@ def main(argv: list[str] | None = None) -> int:
             overrides.update(dict(parse_override(o) for o in ns.overrides))
             cfg = load_config(ns.params, overrides)
             print(f"[quality] === split {split}, training data {train_name} ===", flush=True)
+            overrides_used = {k: v for k, v in overrides.items() if not k.startswith(("paths.", "data."))}
+
+            def partial(run: dict, used: dict = overrides_used) -> None:
+                write_results(ns, data, external, skip_reason, isic_skip, rows, used, [*runs, run])
+
             runs.append(run_split(cfg, split=split, train_data=train_name, external=external,
                                   extra_sites=("isic_archive",) if extra else (), rows=rows,
-                                  baselines=not ns.skip_baselines))  # fmt: skip
-            overrides_used = {k: v for k, v in overrides.items() if not k.startswith(("paths.", "data."))}
+                                  baselines=not ns.skip_baselines, on_model=partial))  # fmt: skip
             dest = write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_used, runs)
             print(f"[quality] results so far written to {dest}", flush=True)  # a long run keeps finished splits
 

@@ -91,6 +91,14 @@ def test_rule_comparison_fits_on_val_and_scores_test_and_external():
     json.dumps(res, allow_nan=False)
 
 
+def test_configured_rule_names_the_rule_table_row():
+    from pipeline.config import SelectConfig
+
+    assert quality.configured_rule(SelectConfig(decision_rule="none")) == "argmax"
+    assert quality.configured_rule(SelectConfig(decision_rule="prior")) == "prior"
+    assert {quality.configured_rule(SelectConfig(decision_rule=r)) for r in ("none", "balanced", "prior")} == set(quality.RULES)
+
+
 def test_benchmark_trains_with_the_real_data_params():
     assert quality.DEFAULT_PARAMS == ROOT / "params-real.yaml"
     assert not any(k.startswith(("model.", "loss.", "augment.", "select.")) for k in quality.BENCH_RUN_OVERRIDES)
@@ -125,10 +133,44 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
     for run in res["runs"]:
         assert set(run["models"]) == {"twin", "single_branch_ce", "mobilenet_v3_small"}
         for m in run["models"].values():
+            assert set(m["rules"]) == set(quality.RULES)  # every model: arg-max and both fitted rules
             assert m["external"]["n"] == 18 and "akiec" not in m["external"]["classes_present"]
             assert len(m["test"]["overall"]["confusion_matrix"]) == len(CLASSES)
+        for name in ("single_branch_ce", "mobilenet_v3_small"):  # scored under the twin's rule (prior)
+            b = run["models"][name]
+            assert b["decision_rule"] == "prior"
+            assert b["test"]["overall"]["balanced_accuracy"] == pytest.approx(b["rules"]["prior"]["test"]["balanced_accuracy"])
         if run["split"] == "holdout":  # the held-out source is the whole test set
             assert set(run["models"]["twin"]["test"]["per_source"]) == {"synthetic_2"}
     text = capsys.readouterr().out
-    assert "ext BA" in text and "confusion matrices" in text and "twin rule" in text
+    assert "ext BA" in text and "confusion matrices" in text and "prior" in text
     assert set(res["runs"][0]["models"]["twin"]["rules"]) == set(quality.RULES)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_in_the_baselines_keeps_the_twin(tmp_path: Path, monkeypatch):
+    """The result file is rewritten after every model: a long run that is killed (e.g. by a time
+    limit on a lent GPU machine) still has the models it finished, each with the device it ran on."""
+    from pipeline.stages.synthesize import write_dataset
+
+    write_dataset(tmp_path / "ham", SyntheticConfig(images_per_class=6, image_size=40), seed=1)
+    out = tmp_path / "quality.json"
+    tiny = ["pairs.epochs=1", "train.epochs=1", "pairs.batch_size=16", "train.batch_size=16", "validate.workers=1",
+            "augment.workers=1", "augment.image_size=32", "train.cache_workers=1", "evaluate.cache_workers=1",
+            "augment.max_copies=2", "train.device=cpu"]
+    calls = []
+
+    def stopped(*args, **kwargs):
+        calls.append(args[-1])  # the device setup the baseline was given
+        raise KeyboardInterrupt("stopped by the time limit")
+
+    monkeypatch.setattr(quality, "_train_baseline", stopped)
+    args = ["--data", str(tmp_path / "ham"), "--external", str(tmp_path / "none"), "--splits", "random", "--quick",
+            "--work", str(tmp_path / "work"), "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(args + [a for kv in tiny for a in ("--set", kv)])
+    res = json.loads(out.read_text())
+    assert [r["split"] for r in res["runs"]] == ["random"]
+    assert set(res["runs"][0]["models"]) == {"twin"}
+    assert res["runs"][0]["models"]["twin"]["device"] == "cpu fp32"
+    assert calls and calls[0].describe() == "cpu fp32"
