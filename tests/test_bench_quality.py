@@ -157,7 +157,7 @@ def test_a_run_stopped_in_the_baselines_keeps_the_twin(tmp_path: Path, monkeypat
     out = tmp_path / "quality.json"
     tiny = ["pairs.epochs=1", "train.epochs=1", "pairs.batch_size=16", "train.batch_size=16", "validate.workers=1",
             "augment.workers=1", "augment.image_size=32", "train.cache_workers=1", "evaluate.cache_workers=1",
-            "augment.max_copies=2", "train.device=cpu"]
+            "augment.max_copies=2", "train.device=cpu", "train.channels_last=false"]
     calls = []
 
     def stopped(*args, **kwargs):
