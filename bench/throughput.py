@@ -3,7 +3,9 @@ batch 1 through the whole predict path (colour constancy, TTA, decision rule: ``
 
 Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inputs (the data
 pipeline is not measured: training reads a decoded uint8 cache). Runs on CPU and, when present,
-on CUDA (with the same AMP / channels_last choices as :mod:`pipeline.io.compute`). Prints a table and
+on CUDA. The training and plain inference rows use training's AMP / channels_last choices
+(:mod:`pipeline.io.compute`); the predict-path row runs the model as predict, pyfunc and evaluate
+load it (float32, default memory format). Prints a table and
 writes ``bench/results/throughput.json`` (gitignored).
 
     python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu]
@@ -128,7 +130,8 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
             predicted_labels(exported, predict_batch_uint8(exported, img, 1))
 
     dt = _timed(once, ds.device, warmup, iters)
-    return {"device": ds.describe(), "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
+    # the predict path runs the export as loaded: float32, default memory format (no autocast)
+    return {"device": f"{ds.device} fp32", "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
             "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta, "decision": "offsets"}
 
 
