@@ -15,10 +15,11 @@ augmented train images, two baselines:
 * ``mobilenet_v3_small`` — torchvision MobileNetV3-Small from scratch (no downloaded weights).
 
 Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2), trains on the
-twin's device and precision (``train.device``: CUDA with autocast/channels_last when present) and
-gets the twin's decision rule (``select.decision_rule``) fitted on its own val probabilities, so the
-headline BA compares models under one rule; every model's arg-max / balanced / prior figures are in
-the rule table. Every model is scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matrix and the same per
+twin's device and precision (:func:`pipeline.io.compute.resolve_device`: CUDA with autocast when
+present, channels-last with ``train.channels_last``) and gets the twin's decision rule
+(``select.decision_rule``) fitted on its own val probabilities, so the headline BA compares models
+under one rule; every model's arg-max / balanced / prior figures are in the rule table. Every model
+is scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matrix and the same per
 acquisition source (:func:`pipeline.core.metrics.per_group_metrics`) -- and on the **external**
 test set ``--external`` (default ``../shared/data/derm7pt-384``; never trained or selected on;
 metrics over the classes it has, i.e. six without akiec), skipped with a reason when absent.
@@ -59,8 +60,7 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
     """Plain cross-entropy training, lowest validation loss kept; same optimizer/schedule as the twin,
-    on the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`: CUDA with
-    autocast and channels_last when ``train.device`` gives one, else CPU float32)."""
+    on the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 
@@ -79,7 +79,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     total = steps_per_epoch * tc.epochs
     best_loss, best_state, history, step = float("inf"), None, [], 0
     xt, yt = torch.from_numpy(np.asarray(x_train)), torch.from_numpy(y_train).long()
-    xv, yv = torch.from_numpy(np.asarray(x_val)), torch.from_numpy(y_val).long().to(ds.device)
+    xv, yv = np.asarray(x_val), torch.from_numpy(y_val).long().to(ds.device)
     for epoch in range(tc.epochs):
         model.train()
         order = torch.randperm(len(xt), generator=gen)
@@ -101,11 +101,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
             scaler.update()
             step += 1
         model.eval()
-        with torch.no_grad(), ds.autocast():
-            val_loss = sum(
-                F.cross_entropy(model(ds.to_input(xv[i : i + 256])).float(), yv[i : i + 256], reduction="sum").item()
-                for i in range(0, len(xv), 256)
-            ) / len(xv)
+        val_loss = F.cross_entropy(_logits(model, xv, ds), yv).item()
         history.append({"epoch": epoch + 1, "val_loss": val_loss})
         print(f"    epoch {epoch + 1}: val_loss {val_loss:.4f}", flush=True)
         if val_loss < best_loss:
@@ -114,15 +110,19 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     return model.eval(), history
 
 
+def _logits(model, x, ds):
+    """float32 logits of ``model`` (eval mode) on uint8 images ``x`` (N, 3, S, S), 256 at a time, on ``ds``."""
+    import torch
+
+    with torch.no_grad(), ds.autocast():
+        return torch.cat([model(ds.to_input(torch.from_numpy(np.asarray(x[i : i + 256])))).float()
+                          for i in range(0, len(x), 256)])  # fmt: skip
+
+
 def _probs(model, x, ds) -> np.ndarray:
     import torch
 
-    out = []
-    with torch.no_grad(), ds.autocast():
-        for i in range(0, len(x), 256):
-            logits = model(ds.to_input(torch.from_numpy(np.asarray(x[i : i + 256])))).float()
-            out.append(torch.softmax(logits, 1).cpu().numpy())
-    return np.concatenate(out)
+    return torch.softmax(_logits(model, x, ds), 1).cpu().numpy()
 
 
 SPLIT_MODES: tuple[str, ...] = ("random", "holdout")
