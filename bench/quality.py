@@ -253,6 +253,21 @@ def configured_rule(select) -> str:
     return "argmax" if select.decision_rule == "none" else select.decision_rule
 
 
+def baseline_report(y_val, p_val, y_test, p_test, sites, extra_sites, y_ext, p_ext, select) -> dict:
+    """A baseline's figures under the twin's decision rule (``select.decision_rule``), fitted the
+    same way on the baseline's own val probabilities, so the headline BA compares models, not rules;
+    all three rules in ``rules`` (arg-max included)."""
+    from pipeline.core.decision import apply_offsets
+
+    rules = rule_comparison(y_val, p_val, y_test, p_test, y_ext, p_ext, select)
+    offsets = np.asarray(rules[configured_rule(select)]["offsets"])
+    return {
+        "test": model_report(y_test, p_test, sites, extra_sites, apply_offsets(p_test, offsets)),
+        "external": external_report(y_ext, p_ext, apply_offsets(p_ext, offsets)) if p_ext is not None else None,
+        "rules": rules, "decision_rule": configured_rule(select),
+    }  # fmt: skip
+
+
 def decision_labels(exported, probs):
     """The export's decision-rule labels where the pipeline has one (``predicted_labels``), else arg-max."""
     try:
@@ -357,7 +372,6 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
     import torch
     import torchvision
 
-    from pipeline.core.decision import apply_offsets
     from pipeline.core.inference import apply_preprocess, predict_batch_uint8
     from pipeline.core.model import build_inference, count_parameters
     from pipeline.io.compute import resolve_device
@@ -430,19 +444,13 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
             model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed, ds)
-            p_te = _probs(model, x_te_b, ds)
             p_ext = _probs(model, ext_b, ds) if ext_b is not None else None
-            # the twin's decision rule (select.decision_rule), fitted the same way on the baseline's
-            # own val probabilities: the headline BA compares models, not rules (arg-max in "rules")
-            b_rules = rule_comparison(y_va, _probs(model, x_va, ds), y_te, p_te, ext_y, p_ext, cfg.select)
-            offsets = np.asarray(b_rules[configured_rule(cfg.select)]["offsets"])
             models[name] = {
-                "test": model_report(y_te, p_te, sites, extra_sites, apply_offsets(p_te, offsets)),
-                "external": external_report(ext_y, p_ext, apply_offsets(p_ext, offsets)) if p_ext is not None else None,
-                "rules": b_rules, "decision_rule": configured_rule(cfg.select),
+                **baseline_report(y_va, _probs(model, x_va, ds), y_te, _probs(model, x_te_b, ds), sites, extra_sites,
+                                  ext_y, p_ext, cfg.select),
                 "params_inference": count_parameters(model), "seconds": round(time.perf_counter() - t0, 1),
                 "device": ds.describe(),
-            }
+            }  # fmt: skip
             if on_model is not None:
                 on_model(run)
     return run

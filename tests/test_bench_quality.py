@@ -64,18 +64,19 @@ def test_model_report_and_tables():
     assert not any(isinstance(v, float) and math.isnan(v) for v in rep["overall"].values())
 
 
+def _skewed(rng, n: int):
+    """``n`` per class, separable, class 3 under-predicted (a prior shift): the fitted rules beat arg-max."""
+    y = np.repeat(np.arange(len(CLASSES)), n)
+    logits = rng.normal(0, 1, (y.size, len(CLASSES)))
+    logits[np.arange(y.size), y] += 2.0
+    logits[:, 3] -= 2.5
+    p = np.exp(logits)
+    return y, p / p.sum(axis=1, keepdims=True)
+
+
 def test_rule_comparison_fits_on_val_and_scores_test_and_external():
     rng = np.random.default_rng(3)
-
-    def skewed(n):  # separable classes, class 3 under-predicted (a prior shift)
-        y = np.repeat(np.arange(len(CLASSES)), n)
-        logits = rng.normal(0, 1, (y.size, len(CLASSES)))
-        logits[np.arange(y.size), y] += 2.0
-        logits[:, 3] -= 2.5
-        p = np.exp(logits)
-        return y, p / p.sum(axis=1, keepdims=True)
-
-    (yv, pv), (yt, pt), (ye, pe) = skewed(30), skewed(30), skewed(10)
+    (yv, pv), (yt, pt), (ye, pe) = _skewed(rng, 30), _skewed(rng, 30), _skewed(rng, 10)
     ye, pe = ye[ye != 0], pe[ye != 0]  # the external set lacks class 0 (as Derm7pt lacks akiec)
     res = quality.rule_comparison(yv, pv, yt, pt, ye, pe)
     assert set(res) == set(quality.RULES)
@@ -89,6 +90,23 @@ def test_rule_comparison_fits_on_val_and_scores_test_and_external():
     text = quality.format_rules([{"split": "random", "train_data": "ham10000", "models": {"twin": {"rules": res}}}])
     assert "prior" in text and "balanced" in text and "val BA" in text
     json.dumps(res, allow_nan=False)
+
+
+def test_baselines_are_scored_under_the_twins_rule_fitted_on_their_own_val():
+    from pipeline.config import SelectConfig
+
+    rng = np.random.default_rng(5)
+    (yv, pv), (yt, pt), (ye, pe) = _skewed(rng, 30), _skewed(rng, 30), _skewed(rng, 10)
+    sites = ["a"] * len(yt)
+    for rule, row in (("prior", "prior"), ("balanced", "balanced"), ("none", "argmax")):
+        rep = quality.baseline_report(yv, pv, yt, pt, sites, (), ye, pe, SelectConfig(decision_rule=rule))
+        assert rep["decision_rule"] == row and set(rep["rules"]) == set(quality.RULES)
+        headline = rep["test"]["overall"]["balanced_accuracy"]
+        assert headline == pytest.approx(rep["rules"][row]["test"]["balanced_accuracy"])
+        assert rep["external"]["balanced_accuracy"] == pytest.approx(rep["rules"][row]["external"]["balanced_accuracy"])
+        if row != "argmax":  # the rule changed the headline: it is not the arg-max figure
+            assert rep["test"]["overall"]["balanced_accuracy"] > rep["rules"]["argmax"]["test"]["balanced_accuracy"]
+    assert quality.baseline_report(yv, pv, yt, pt, sites, (), None, None, SelectConfig())["external"] is None
 
 
 def test_configured_rule_names_the_rule_table_row():
