@@ -59,16 +59,18 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
-    """Plain cross-entropy training, lowest validation loss kept; same optimizer/schedule as the twin,
+    """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule and online
+    views (flips, `train.online_*`) as the twin,
     on the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.core.training import build_optimizer, lr_factor
+    from pipeline.core.training import OnlineAugment, build_optimizer, lr_factor
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
+    views = OnlineAugment.from_config(tc)  # the twin's online views (flips per sample, train.online_*)
     model.to(ds.device)
     if ds.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -85,12 +87,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
         order = torch.randperm(len(xt), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * bs : (b + 1) * bs]
-            x = ds.to_input(xt[idx])
-            if tc.online_flip:
-                if torch.rand(1, generator=gen).item() < 0.5:
-                    x = x.flip(3)
-                if torch.rand(1, generator=gen).item() < 0.5:
-                    x = x.flip(2)
+            x = views(xt[idx], gen, ds)
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, 0, tc.schedule)
             with ds.autocast():

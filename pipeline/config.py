@@ -304,6 +304,14 @@ class TrainConfig(_Section):
     online_flip: bool = True
     # Probability of each flip (horizontal, vertical) when online_flip.
     flip_prob: float = Field(0.5, ge=0, le=1)
+    # Online per-sample views on the training device (pipeline.core.training.OnlineAugment), new
+    # every epoch, 0 = off: rotation in [-online_rotation, online_rotation] degrees, scale in
+    # [1 - online_scale, 1 + online_scale], translation up to online_translate of the side, and
+    # brightness / contrast / saturation factors in [1 - online_color, 1 + online_color].
+    online_rotation: float = Field(0.0, ge=0, le=180)
+    online_scale: float = Field(0.0, ge=0, lt=1)
+    online_translate: float = Field(0.0, ge=0, le=0.5)
+    online_color: float = Field(0.0, ge=0, lt=1)
     # Threads for CPU training; 0 lets torch decide.
     cpu_threads: int = Field(0, ge=0, le=1024)
     # Threads decoding images into the image cache.

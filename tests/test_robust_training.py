@@ -143,3 +143,81 @@ def test_resume_with_ema_matches_uninterrupted_run(tmp_path: Path, monkeypatch: 
         for key in ("model", "ema"):
             if key in a:
                 assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
+
+
+# --------------------------------------------------------------------------------------------
+# online views (train.online_*)
+# --------------------------------------------------------------------------------------------
+
+
+def test_random_affine_is_the_identity_at_the_centre_draw_and_turns_both_ways() -> None:
+    from pipeline.core.training import random_affine
+
+    img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    centre = torch.full((2, 4), 0.5)  # angle 0, scale 1, no shift, whatever the strengths
+    torch.testing.assert_close(random_affine(img, centre, 180.0, 0.3, 0.2), img, atol=1e-5, rtol=0)
+    quarter = torch.tensor([[1.0, 0.5, 0.5, 0.5], [0.0, 0.5, 0.5, 0.5]])  # the two ends of the angle range
+    turned = random_affine(img, quarter, 90.0, 0.0, 0.0)
+    torch.testing.assert_close(turned[0], torch.rot90(img[0], 1, (1, 2)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(turned[1], torch.rot90(img[1], -1, (1, 2)), atol=1e-5, rtol=0)
+    # a zoom in (scale draw 1 -> factor 1 + scale) magnifies the centre: a centred disk gets wider
+    disk = torch.zeros(1, 1, 16, 16)
+    disk[..., 6:10, 6:10] = 1.0
+    zoomed = random_affine(disk, torch.tensor([[0.5, 1.0, 0.5, 0.5]]), 0.0, 0.5, 0.0)
+    assert (zoomed > 0.5).sum() > (disk > 0.5).sum()
+
+
+def test_random_color_factors_and_range() -> None:
+    from pipeline.core.training import random_color
+
+    img = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(1)) * 0.5
+    torch.testing.assert_close(random_color(img.clone(), torch.full((3, 3), 0.5), 0.4), img)  # factors 1
+    # brightness only (contrast and saturation draws at 0.5): factor 1 + (2u - 1) * strength
+    bright = random_color(img.clone(), torch.tensor([[1.0, 0.5, 0.5]] * 3), 0.4)
+    torch.testing.assert_close(bright, (img * 1.4).clamp(0, 1))
+    grey = random_color(img.clone(), torch.tensor([[0.5, 0.5, 0.0]] * 3), 1.0 - 1e-6)  # saturation ~0
+    assert float((grey.max(1).values - grey.min(1).values).max()) < 1e-5
+    wild = random_color(torch.rand(4, 3, 5, 5), torch.rand(4, 3), 0.9)
+    assert float(wild.min()) >= 0.0 and float(wild.max()) <= 1.0
+
+
+def test_online_views_off_draw_nothing_and_on_are_seeded_per_sample() -> None:
+    from pipeline.core.training import CPU, OnlineAugment, random_flip
+    from pipeline.core.imaging import to_model_input
+
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    # flips only: the same draws and images as the flips alone (the training before the knobs)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(OnlineAugment(0.5)(x.clone(), g1, CPU), to_model_input(random_flip(x.clone(), g2)))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    g = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(OnlineAugment()(x.clone(), g, CPU), to_model_input(x))
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
+    # on: the same seed gives the same views, and a batch of one image repeated gets different views
+    views = OnlineAugment(0.5, rotation=180.0, scale=0.2, translate=0.1, color=0.3)
+    a = views(x.clone(), torch.Generator().manual_seed(4), CPU)
+    b = views(x.clone(), torch.Generator().manual_seed(4), CPU)
+    assert torch.equal(a, b) and not torch.allclose(a, to_model_input(x))
+    same = views(x[:1].repeat(4, 1, 1, 1), torch.Generator().manual_seed(5), CPU)
+    assert not torch.allclose(same[0], same[1]) and not torch.allclose(same[2], same[3])
+
+
+ONLINE = {"train.online_rotation": 45.0, "train.online_scale": 0.1, "train.online_translate": 0.05,
+          "train.online_color": 0.2}  # fmt: skip
+
+
+def test_online_views_change_training_and_resume_bit_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.stages.train import run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, **ONLINE}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(full.train_dir / "history.csv").drop(columns=["seconds"]),
+                                  pd.read_csv(killed.train_dir / "history.csv").drop(columns=["seconds"]))
+    plain = make_work(tmp_path / "plain")
+    run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
+    c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())

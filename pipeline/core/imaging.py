@@ -52,7 +52,13 @@ def to_model_input(batch_uint8: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     """uint8 (N, 3, H, W) -> normalised float32 (N, 3, H, W), on the batch's device."""
     import torch
 
-    x = batch_uint8.float().div_(255.0)
+    return normalize_unit(batch_uint8.float().div_(255.0))
+
+
+def normalize_unit(x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """float (N, 3, H, W) in [0, 1] -> normalised with the model's channel mean and std."""
+    import torch
+
     mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -19,8 +19,19 @@ Design choices (the patent leaves these open; each is deliberate):
   a seeded order, label computed from the two actual labels). ``val_loss_total = A * branch1 +
   B * branch2 + C * discriminator``, i.e. the joint training loss evaluated on val; the state with
   the lowest total (earliest epoch on ties) is the recognition model (patent S2).
-* **Online flips** (:func:`random_flip`, ``train.online_flip`` / ``train.flip_prob``) are drawn in
-  the main process from a seeded generator, so they do not depend on DataLoader workers.
+* **Online augmentation** (:class:`OnlineAugment`): per-sample random flips (:func:`random_flip`,
+  ``train.online_flip`` / ``train.flip_prob``) of the cached uint8 tensors, then, on the training
+  device, a per-sample random affine (rotation, scale, translation; :func:`random_affine`,
+  reflection padding) and colour jitter (brightness, contrast, saturation; :func:`random_color`)
+  of ``train.online_rotation`` / ``online_scale`` / ``online_translate`` / ``online_color``. Every
+  draw comes from one seeded generator in the main process (checkpointed with the rest of the RNG
+  state), so the views do not depend on DataLoader workers and a resumed run is bit-identical.
+  Why online as well as the offline ``augment`` copies: the copies are written once, so a rare
+  class balanced with 20 copies shows the network the same 20 pictures every epoch; online views
+  are new each epoch (the cure for the early over-fitting the quality benchmark measured). The
+  patent's pairs are untouched: both images of a pair are transformed independently, the labels
+  and the same/different target do not change. With every online knob at 0 no extra number is
+  drawn, so the training is the same as before the knobs existed.
 * **Sharding.** Under DDP each rank takes every ``world``-th shuffled pair (like
   ``DistributedSampler``, padded to a multiple of the world size) and every ``world``-th val image;
   the loss sums are reduced with the ``all_reduce`` callable the stage passes in.
@@ -40,7 +51,7 @@ import numpy as np
 import torch
 
 from pipeline.config import LossConfig, TrainConfig
-from pipeline.core.imaging import to_model_input
+from pipeline.core.imaging import normalize_unit, to_model_input
 from pipeline.core.losses import focal_loss, joint_loss
 from pipeline.errors import PipelineError
 
@@ -90,9 +101,15 @@ class DeviceSetup:
         amp = "fp32" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
         return f"{self.device} {amp}{' channels_last' if self.channels_last else ''}"
 
-    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW on the host -> normalised float on the device (channels_last when set)."""
-        x = to_model_input(x_uint8.to(self.device, non_blocking=True))
+    def to_input(
+        self, x_uint8: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """uint8 NCHW on the host -> normalised float on the device (channels_last when set).
+
+        ``transform`` (training only) maps the float [0, 1] images on the device before they are
+        normalised (:meth:`OnlineAugment.device_transform`)."""
+        x = x_uint8.to(self.device, non_blocking=True)
+        x = to_model_input(x) if transform is None else normalize_unit(transform(x.float().div_(255.0)))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -256,6 +273,83 @@ def random_flip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.
     return x
 
 
+def random_affine(x: torch.Tensor, u: torch.Tensor, rotation: float, scale: float, translate: float) -> torch.Tensor:
+    """Per-sample random rotation (degrees in ``[-rotation, rotation]``), isotropic scale (in
+    ``[1 - scale, 1 + scale]``, > 1 zooms in) and translation (up to ``translate`` of the side, each
+    axis) of float images ``x`` (N, C, H, W), bilinear, reflection padding (the lesion's skin
+    continues past the border; zeros would teach the network black corners).
+
+    ``u`` (N, 4) holds uniform [0, 1) draws (angle, scale, tx, ty), so the function is pure and the
+    caller owns the randomness."""
+    n = x.shape[0]
+    u = u.to(device=x.device, dtype=torch.float32)
+    angle = (2 * u[:, 0] - 1) * math.radians(rotation)
+    zoom = 1 + (2 * u[:, 1] - 1) * scale
+    tx, ty = (2 * u[:, 2] - 1) * 2 * translate, (2 * u[:, 3] - 1) * 2 * translate  # [-1, 1] grid units
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (N, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta.to(x.dtype), [n, x.shape[1], x.shape[2], x.shape[3]], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_color(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-sample brightness, contrast and saturation factors, each in ``[1 - strength, 1 +
+    strength]`` (torchvision's ColorJitter definitions, in that order), of float RGB images in
+    [0, 1]; the result is clipped to [0, 1]. ``u`` (N, 3): uniform [0, 1) draws."""
+    f = (1 + (2 * u.to(device=x.device, dtype=x.dtype) - 1) * strength).view(-1, 3, 1, 1)
+    weights = torch.tensor((0.299, 0.587, 0.114), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x * f[:, 0:1]).clamp_(0, 1)
+    grey_mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = ((x - grey_mean) * f[:, 1:2] + grey_mean).clamp_(0, 1)
+    grey = (x * weights).sum(1, keepdim=True)
+    return ((x - grey) * f[:, 2:3] + grey).clamp_(0, 1)
+
+
+@dataclass(frozen=True)
+class OnlineAugment:
+    """The training-time views of a batch (``train.online_*``; see the module docstring)."""
+
+    flip_prob: float = 0.0  # 0 = no flips
+    rotation: float = 0.0  # degrees
+    scale: float = 0.0
+    translate: float = 0.0
+    color: float = 0.0
+
+    @classmethod
+    def from_config(cls, tc: TrainConfig) -> "OnlineAugment":
+        return cls(
+            flip_prob=tc.flip_prob if tc.online_flip else 0.0, rotation=tc.online_rotation,
+            scale=tc.online_scale, translate=tc.online_translate, color=tc.online_color,
+        )  # fmt: skip
+
+    @property
+    def geometric(self) -> bool:
+        return self.rotation > 0 or self.scale > 0 or self.translate > 0
+
+    def device_transform(self, n: int, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The affine + colour step for a batch of ``n`` images, its draws taken from ``gen`` now
+        (in the main process, in a fixed order); ``None`` when both are off (nothing drawn)."""
+        if not self.geometric and self.color <= 0:
+            return None
+        u_geo = torch.rand((n, 4), generator=gen) if self.geometric else None
+        u_col = torch.rand((n, 3), generator=gen) if self.color > 0 else None
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            if u_geo is not None:
+                x = random_affine(x, u_geo, self.rotation, self.scale, self.translate)
+            if u_col is not None:
+                x = random_color(x, u_col, self.color)
+            return x
+
+        return apply
+
+    def __call__(self, x_uint8: torch.Tensor, gen: torch.Generator, ds: "DeviceSetup") -> torch.Tensor:
+        """uint8 NCHW on the host -> an augmented, normalised batch on ``ds``'s device."""
+        if self.flip_prob > 0:
+            x_uint8 = random_flip(x_uint8, gen, self.flip_prob)
+        return ds.to_input(x_uint8, self.device_transform(x_uint8.shape[0], gen))
+
+
 # --------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------
@@ -369,11 +463,9 @@ def train_epoch(
     """
     sums = dict.fromkeys(TRAIN_SUMS, 0.0)
     n_seen = 0.0
+    views = OnlineAugment.from_config(tc)
     for xl_u8, xr_u8, yl, yr in batches:
-        if tc.online_flip:
-            xl_u8 = random_flip(xl_u8, gen, tc.flip_prob)
-            xr_u8 = random_flip(xr_u8, gen, tc.flip_prob)
-        xl, xr = ds.to_input(xl_u8), ds.to_input(xr_u8)
+        xl, xr = views(xl_u8, gen, ds), views(xr_u8, gen, ds)
         yl, yr = yl.to(ds.device, non_blocking=True), yr.to(ds.device, non_blocking=True)
         with ds.autocast():
             out = model(xl, xr)
