@@ -2,8 +2,10 @@
 batch 1 through the whole predict path (colour constancy, TTA, decision rule: ``predict path``).
 
 Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inputs (the data
-pipeline is not measured: training reads a decoded uint8 cache). Runs on CPU and, when present,
-on CUDA. The training and plain inference rows use training's AMP / channels_last choices
+pipeline is not measured: training reads a decoded uint8 cache; the training row does include the
+online views of those uint8 batches, ``train.online_flip`` and ``train.online_*``, host to device).
+Runs on CPU and, when present, on CUDA. The training and plain inference rows use training's AMP /
+channels_last choices
 (:mod:`pipeline.io.compute`); the predict-path row runs the model as predict, pyfunc and evaluate
 load it (float32, default memory format). Prints a table and
 writes ``bench/results/throughput.json`` (gitignored).
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.losses import joint_loss  # noqa: E402
 from pipeline.core.model import build_twin, count_parameters, inference_model  # noqa: E402
-from pipeline.core.training import build_optimizer, float_output  # noqa: E402
+from pipeline.core.training import OnlineAugment, build_optimizer, float_output  # noqa: E402
 from pipeline.io.compute import resolve_device  # noqa: E402
 from pipeline.io.files import write_json  # noqa: E402
 from pipeline.labels import NUM_CLASSES  # noqa: E402
@@ -60,13 +62,14 @@ def bench_train(cfg, device_name: str, steps: int, warmup: int) -> dict:
     opt = build_optimizer(twin.parameters(), cfg.train)
     scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
     bs, s = cfg.train.batch_size, cfg.augment.image_size
-    mf = torch.channels_last if ds.channels_last else torch.contiguous_format
-    x1 = torch.randn(bs, 3, s, s, device=ds.device).contiguous(memory_format=mf)
-    x2 = torch.randn(bs, 3, s, s, device=ds.device).contiguous(memory_format=mf)
+    u1 = torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8)  # host uint8 batches, as the cache gives them
+    u2 = torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8)
     y1 = torch.randint(0, NUM_CLASSES, (bs,), device=ds.device)
     y2 = torch.randint(0, NUM_CLASSES, (bs,), device=ds.device)
+    views, gen = OnlineAugment.from_config(cfg.train), torch.Generator().manual_seed(0)
 
     def step() -> None:
+        x1, x2 = views(u1.clone(), gen, ds), views(u2.clone(), gen, ds)  # flips + train.online_*, as training
         with ds.autocast():
             out = twin(x1, x2)
         out = float_output(out)

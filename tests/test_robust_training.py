@@ -221,3 +221,21 @@ def test_online_views_change_training_and_resume_bit_identically(tmp_path: Path,
     run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
     c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_random_affine_samples_where_affine_grid_says() -> None:
+    import math
+
+    import torch.nn.functional as F
+
+    from pipeline.core.training import random_affine
+
+    gen = torch.Generator().manual_seed(6)
+    x, u = torch.rand(5, 3, 12, 10, generator=gen), torch.rand(5, 4, generator=gen)
+    angle, zoom = (2 * u[:, 0] - 1) * math.radians(120.0), 1 + (2 * u[:, 1] - 1) * 0.2
+    tx, ty = (2 * u[:, 2] - 1) * 2 * 0.1, (2 * u[:, 3] - 1) * 2 * 0.1
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    ref = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="reflection",
+                        align_corners=False)  # fmt: skip
+    torch.testing.assert_close(random_affine(x, u, 120.0, 0.2, 0.1), ref, atol=1e-5, rtol=0)

@@ -280,29 +280,34 @@ def random_affine(x: torch.Tensor, u: torch.Tensor, rotation: float, scale: floa
     continues past the border; zeros would teach the network black corners).
 
     ``u`` (N, 4) holds uniform [0, 1) draws (angle, scale, tx, ty), so the function is pure and the
-    caller owns the randomness."""
-    n = x.shape[0]
-    u = u.to(device=x.device, dtype=torch.float32)
+    caller owns the randomness. The sampling grid is ``affine_grid``'s (align_corners=False), built
+    with one broadcast matmul (faster than ``affine_grid`` on the CPU, same values)."""
+    n, c, h, w = x.shape
+    u = u.to(device=x.device, dtype=x.dtype)
     angle = (2 * u[:, 0] - 1) * math.radians(rotation)
     zoom = 1 + (2 * u[:, 1] - 1) * scale
     tx, ty = (2 * u[:, 2] - 1) * 2 * translate, (2 * u[:, 3] - 1) * 2 * translate  # [-1, 1] grid units
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (N, 2, 3)
-    grid = torch.nn.functional.affine_grid(theta.to(x.dtype), [n, x.shape[1], x.shape[2], x.shape[3]], align_corners=False)
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1  # pixel centres in [-1, 1]
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1
+    base = torch.stack([xs.expand(h, w), ys.view(h, 1).expand(h, w), torch.ones(h, w, device=x.device, dtype=x.dtype)], -1)
+    grid = (base.view(1, h * w, 3) @ theta.transpose(1, 2)).view(n, h, w, 2)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def random_color(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
-    """Per-sample brightness, contrast and saturation factors, each in ``[1 - strength, 1 +
-    strength]`` (torchvision's ColorJitter definitions, in that order), of float RGB images in
-    [0, 1]; the result is clipped to [0, 1]. ``u`` (N, 3): uniform [0, 1) draws."""
-    f = (1 + (2 * u.to(device=x.device, dtype=x.dtype) - 1) * strength).view(-1, 3, 1, 1)
+    """Per-sample brightness, contrast and saturation factors ``b, c, s``, each in ``[1 - strength,
+    1 + strength]``, of float RGB images in [0, 1] (torchvision ColorJitter's definitions, in that
+    order), clipped to [0, 1] once at the end rather than after each factor, which makes the three
+    one linear map per image: ``s*c*b*x + (1-s)*c*b*grey(x) + (1-c)*b*mean(grey(x))`` (grey = ITU-R
+    601 luma). ``u`` (N, 3): uniform [0, 1) draws."""
+    f = 1 + (2 * u.to(device=x.device, dtype=x.dtype) - 1) * strength
+    b, c, s = (f[:, i].view(-1, 1, 1, 1) for i in range(3))
     weights = torch.tensor((0.299, 0.587, 0.114), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    x = (x * f[:, 0:1]).clamp_(0, 1)
-    grey_mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = ((x - grey_mean) * f[:, 1:2] + grey_mean).clamp_(0, 1)
     grey = (x * weights).sum(1, keepdim=True)
-    return ((x - grey) * f[:, 2:3] + grey).clamp_(0, 1)
+    mean = grey.mean((2, 3), keepdim=True)
+    return (x * (s * c * b) + grey * ((1 - s) * c * b) + mean * ((1 - c) * b)).clamp_(0, 1)
 
 
 @dataclass(frozen=True)
