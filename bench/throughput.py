@@ -5,10 +5,9 @@ Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inp
 pipeline is not measured: training reads a decoded uint8 cache; the training row does include the
 online views of those uint8 batches, ``train.online_flip`` and ``train.online_*``, host to device).
 Runs on CPU and, when present, on CUDA. The training and plain inference rows use training's AMP /
-channels_last choices
-(:mod:`pipeline.io.compute`); the predict-path row runs the model as predict, pyfunc and evaluate
-load it (float32, default memory format). Prints a table and
-writes ``bench/results/throughput.json`` (gitignored).
+channels_last choices (:mod:`pipeline.io.compute`); the predict-path row runs the model as
+predict, pyfunc and evaluate load it (float32, default memory format). Prints a table and writes
+``bench/results/throughput.json`` (gitignored).
 
     python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu]
 """
