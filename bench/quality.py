@@ -1,6 +1,6 @@
 """Quality benchmark: the twin model next to two baselines, on two splits, with an external test.
 
-    .venv/bin/python bench/quality.py [--splits random,holdout] [--holdout vidir_modern] [--with-isic]
+    .venv/bin/python bench/quality.py [--splits random,holdout] [--holdout vidir_modern] [--with-isic | --isic-only]
                                       [--quick] [--data DIR] [--external DIR] [--isic DIR] [--set key=value ...]
 
 For each chosen **split** -- ``random``: the lesion-grouped, stratified random split; ``holdout``:
@@ -26,6 +26,8 @@ metrics over the classes it has, i.e. six without akiec), skipped with a reason 
 ``--with-isic`` runs every split twice: on HAM10000 alone and with ``--isic`` (default
 ``../shared/data/isic-archive-512``) added to the training sources (``data.source: multi``);
 ``ham_only`` then gives the test metrics over the HAM10000 sources only, comparable across both.
+``--isic-only`` runs only the second of the two (HAM10000 with ``--isic``), e.g. to add that half to
+an earlier run without ISIC.
 The config is ``--params`` (default ``params-real.yaml``, the real-data config) with the data,
 split and work folder set per run; ``--set key=value`` changes any knob for a trial.
 ``--quick`` is a smoke run (few epochs, small images, a stratified subsample of the manifest and
@@ -169,6 +171,19 @@ def data_overrides(ham: Path, extra: Path | None) -> dict[str, object]:
         "data.sources": [{"source": "ham10000", "root": str(ham.resolve()), "name": "ham10000"},
                          {"source": "ham10000", "root": str(extra.resolve()), "name": "isic_archive"}],
     }  # fmt: skip
+
+
+def training_sets(isic: Path, *, with_isic: bool, isic_only: bool) -> tuple[list[tuple[str, Path | None]], str | None]:
+    """The training sets to run, as (name, extra source or None), and why ISIC was skipped (absent).
+
+    Default: HAM10000 alone; ``with_isic``: alone, then with ``isic`` added; ``isic_only``: only with
+    it (nothing to run when ``isic`` is absent)."""
+    sets: list[tuple[str, Path | None]] = [] if isic_only else [("ham10000", None)]
+    if not (with_isic or isic_only):
+        return sets, None
+    if not (isic / "HAM10000_metadata.csv").is_file():
+        return sets, f"{isic}: no HAM10000_metadata.csv (extra training source not available here)"
+    return [*sets, ("ham10000+isic", isic)], None
 
 
 def model_report(y, probs, sites, extra_sites: tuple[str, ...] = (), y_pred=None) -> dict:
@@ -482,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA / "ham10000-224"), help="HAM10000-layout training data")
     ap.add_argument("--external", default=str(DEFAULT_DATA / "derm7pt-384"), help="external test set (never trained on)")
     ap.add_argument("--isic", default=str(DEFAULT_DATA / "isic-archive-512"), help="extra training source of --with-isic")
-    ap.add_argument("--with-isic", action="store_true", help="also run every split with --isic added to the training data")
+    isic = ap.add_mutually_exclusive_group()
+    isic.add_argument("--with-isic", action="store_true", help="also run every split with --isic added to the training data")
+    isic.add_argument("--isic-only", action="store_true", help="run every split only with --isic added to the training data")
     ap.add_argument("--splits", default=",".join(SPLIT_MODES), help="comma list of: " + ", ".join(SPLIT_MODES))
     ap.add_argument("--holdout", default="vidir_modern", help="comma list of sources held out by the holdout split")
     ap.add_argument("--quick", action="store_true", help="smoke run: few epochs, small images, subsampled data")
@@ -512,14 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quality] external test set: {len(external)} images from {ns.external}", flush=True)
     else:
         print(f"[quality] external test set skipped: {skip_reason}", flush=True)
-    train_sets: list[tuple[str, Path | None]] = [("ham10000", None)]
-    isic_skip = None
-    if ns.with_isic:
-        if (Path(ns.isic) / "HAM10000_metadata.csv").is_file():
-            train_sets.append(("ham10000+isic", Path(ns.isic)))
-        else:
-            isic_skip = f"{ns.isic}: no HAM10000_metadata.csv (extra training source not available here)"
-            print(f"[quality] --with-isic skipped: {isic_skip}", flush=True)
+    train_sets, isic_skip = training_sets(Path(ns.isic), with_isic=ns.with_isic, isic_only=ns.isic_only)
+    if isic_skip:
+        print(f"[quality] {'--isic-only' if ns.isic_only else '--with-isic'} skipped: {isic_skip}", flush=True)
+    if not train_sets:
+        return 0
 
     runs, overrides_used = [], {}
     for train_name, extra in train_sets:

@@ -194,3 +194,32 @@ def test_a_run_stopped_in_the_baselines_keeps_the_twin(tmp_path: Path, monkeypat
     assert set(res["runs"][0]["models"]) == {"twin"}
     assert res["runs"][0]["models"]["twin"]["device"] == "cpu fp32"
     assert calls and calls[0].describe() == "cpu fp32"
+
+
+def test_training_sets_with_and_without_the_extra_source(tmp_path: Path):
+    """--with-isic runs HAM10000 alone and with ISIC; --isic-only just the latter; an absent ISIC
+    folder is skipped with a reason (and --isic-only then has nothing to run)."""
+    absent = tmp_path / "no-isic"
+    present = tmp_path / "isic"
+    present.mkdir()
+    (present / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")
+    assert quality.training_sets(present, with_isic=False, isic_only=False) == ([("ham10000", None)], None)
+    assert quality.training_sets(present, with_isic=True, isic_only=False) == (
+        [("ham10000", None), ("ham10000+isic", present)], None)
+    assert quality.training_sets(present, with_isic=False, isic_only=True) == ([("ham10000+isic", present)], None)
+    sets, why = quality.training_sets(absent, with_isic=True, isic_only=False)
+    assert sets == [("ham10000", None)] and "not available" in why and str(absent) in why
+    sets, why = quality.training_sets(absent, with_isic=False, isic_only=True)
+    assert sets == [] and "not available" in why
+
+
+def test_isic_only_without_the_extra_source_runs_nothing(tmp_path: Path, capsys):
+    ham = tmp_path / "ham"
+    ham.mkdir()
+    (ham / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")
+    out = tmp_path / "q.json"
+    args = ["--data", str(ham), "--isic", str(tmp_path / "none"), "--external", str(tmp_path / "none"),
+            "--isic-only", "--work", str(tmp_path / "work"), "--out", str(out)]
+    assert quality.main(args) == 0
+    assert "--isic-only skipped" in capsys.readouterr().out
+    assert not out.exists() and not (tmp_path / "work").exists()
