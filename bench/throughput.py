@@ -6,7 +6,8 @@ pipeline is not measured: training reads a decoded uint8 cache; the training row
 online views of those uint8 batches, ``train.online_flip`` and ``train.online_*``, host to device).
 Runs on CPU and, when present, on CUDA. The training and plain inference rows use training's AMP /
 channels_last choices (:mod:`pipeline.io.compute`); the predict-path row runs the model as
-predict, pyfunc and evaluate load it (float32, default memory format). Prints a table and writes
+predict, pyfunc and evaluate load it (float32, channels-last:
+:func:`pipeline.core.inference.inference_ready`). Prints a table and writes
 ``bench/results/throughput.json`` (gitignored).
 
     python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu]
@@ -115,11 +116,11 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
     from types import SimpleNamespace
 
     from pipeline.core.decision import decision_meta
-    from pipeline.core.inference import predict_batch_uint8, predicted_labels
+    from pipeline.core.inference import inference_ready, predict_batch_uint8, predicted_labels
 
     ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
     torch.manual_seed(0)
-    model = inference_model(build_twin(cfg.model, NUM_CLASSES), 0).eval().to(ds.device)
+    model = inference_ready(inference_model(build_twin(cfg.model, NUM_CLASSES), 0).to(ds.device))
     s = cfg.augment.image_size
     meta = {"num_classes": NUM_CLASSES, "tta": cfg.select.tta,
             "preprocess": {"color_constancy": cfg.augment.color_constancy, "sog_power": cfg.augment.sog_power},
@@ -132,8 +133,8 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
             predicted_labels(exported, predict_batch_uint8(exported, img, 1))
 
     dt = _timed(once, ds.device, warmup, iters)
-    # the predict path runs the export as loaded: float32, default memory format (no autocast)
-    return {"device": f"{ds.device} fp32", "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
+    # the predict path runs the export as loaded: float32, channels-last (no autocast)
+    return {"device": f"{ds.device} fp32 channels_last", "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
             "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta, "decision": "offsets"}
 
 

@@ -13,6 +13,12 @@ them predict the same numbers and labels for the same pixels:
 * :func:`predicted_labels` -- labels from probabilities under the export's decision rule
   (:mod:`pipeline.core.decision`: ``argmax`` or fitted log-probability ``offsets``), or plain
   arg-max when asked (``predict.decision: argmax``). The probabilities are never adjusted.
+
+Every path runs the network as :func:`inference_ready` leaves it: eval mode, channels-last memory
+format (this mostly-depthwise network runs about 20 % faster that way on the CPU, batch 1 and 64
+alike; outputs agree with the default format to about 1e-7). The loaders
+(:func:`pipeline.io.modelstore.load_exported`) and the ``select`` stage prepare it, so ``select``
+fits the decision rule on the same numbers that ``predict``, pyfunc and ``evaluate`` produce.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ class Model(Protocol):
 TTA_MODES = ("none", "flips")
 TTA_VIEWS = 8  # tta: flips -- identity, 3 rotations by 90 degrees, and the transposes of all four
 DECISIONS = ("rule", "argmax")  # predict.decision: the export's rule, or plain arg-max
+
+
+def inference_ready(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (in place) in eval mode and the channels-last memory format every inference path
+    uses; returns it. Its state dict holds the same values (export writes the default format)."""
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 def preprocess_of(meta: dict[str, Any]) -> tuple[str, float]:

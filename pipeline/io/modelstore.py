@@ -58,6 +58,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import ModelConfig
+from pipeline.core.inference import inference_ready
 from pipeline.core.model import build_inference
 from pipeline.core.selection import EXPORT_FORMAT
 from pipeline.errors import DataError, StorageError
@@ -195,7 +196,7 @@ class ExportedModel:
 
 def export_inference(model: torch.nn.Module, meta: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Write weights.pt, the portable module and config.json (with both digests) into ``folder``."""
-    model = model.eval().cpu()
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)  # files as trained, whatever the run's format
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise DataError(f"refusing to export a model with non-finite weights in {bad[:5]}")
@@ -225,7 +226,8 @@ def export_inference(model: torch.nn.Module, meta: dict[str, Any], folder: Path)
 
 
 def load_exported(path: str | Path) -> ExportedModel:
-    """Rebuild the eager inference model from a verified export folder (eval mode, CPU)."""
+    """Rebuild the eager inference model from a verified export folder (CPU, eval mode, channels-last:
+    :func:`pipeline.core.inference.inference_ready`)."""
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: model folder not found")
@@ -249,7 +251,7 @@ def load_exported(path: str | Path) -> ExportedModel:
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:300]
         raise DataError(f"{w_path}: weights do not fit the model config in config.json ({first})") from None
-    return ExportedModel(model=model.eval(), meta=meta)
+    return ExportedModel(model=inference_ready(model), meta=meta)
 
 
 def load_portable(path: str | Path) -> torch.nn.Module:

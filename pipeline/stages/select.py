@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.config import Config, ModelConfig
 from pipeline.core.decision import decision_meta, fit_rule
-from pipeline.core.inference import predict_batch_uint8
+from pipeline.core.inference import inference_ready, predict_batch_uint8
 from pipeline.core.model import build_twin, count_parameters, inference_model
 from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.core.selection import build_meta, select_branch
@@ -52,7 +52,7 @@ def run_select(cfg: Config) -> dict[str, Any]:
         twin.load_state_dict(best["model"])
     except RuntimeError as exc:
         raise PipelineError(f"{best_path}: weights do not fit the stored model config ({exc})") from None
-    inf = inference_model(twin, selected - 1).eval()
+    inf = inference_ready(inference_model(twin, selected - 1))  # as predict/pyfunc/evaluate load it
     meta = build_meta(best, selected, count_parameters(inf))
     meta["tta"] = cfg.select.tta
     fit: dict[str, Any] = {}
