@@ -45,6 +45,10 @@ class SplitConfig(_Section):
     # e.g. [vidir_modern]) goes to test; the rest is split into train/val with the train/val
     # fractions renormalised (test is then ignored). [] = the lesion-grouped random split.
     holdout_sources: list[str] = []
+    # Near-duplicate pictures (perceptual hashes at most validate.near_duplicate_distance bits apart,
+    # e.g. one photo stored under two ids) are split as one group, so the same picture never sits in
+    # two splits; false = lesion groups only (the validate stage then reports such pictures).
+    group_near_duplicates: bool = True
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitConfig":

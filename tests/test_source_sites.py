@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from test_sources import textured_image
 
 from pipeline.config import SyntheticConfig
 from pipeline.core.schema import MANIFEST_COLUMNS
@@ -21,8 +22,10 @@ HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
 
 
 def _jpeg(path: Path, colour: tuple[int, int, int] = (150, 90, 60)) -> None:
+    """A small JPEG of its own picture (a pattern seeded by the file name, tinted ``colour``): distinct
+    files are distinct pictures, as ingest's near-duplicate grouping expects of real data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (40, 30), colour).save(path, format="JPEG", quality=90)
+    textured_image(path.name, (40, 30), colour).save(path, format="JPEG", quality=90)
 
 
 def make_ham(root: Path, rows: list[tuple[str, str, str, str]], images: bool = True) -> Path:

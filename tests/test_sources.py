@@ -6,8 +6,10 @@ import hashlib
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, SHARED_DATA
@@ -25,9 +27,18 @@ from pipeline.stages.synthesize import run_synthesize
 HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
 
 
+def textured_image(name: str, size: tuple[int, int], colour: tuple[int, int, int]) -> Image.Image:
+    """A picture of its own for ``name``: a coarse random pattern seeded by the name, tinted ``colour``
+    (uniform fixtures would all be one picture to the perceptual hash)."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    pattern = rng.integers(0, 96, (6, 8, 3), dtype=np.int16) + np.array(colour, dtype=np.int16) // 2
+    small = Image.fromarray(np.clip(pattern, 0, 255).astype(np.uint8), mode="RGB")
+    return small.resize(size, Image.Resampling.NEAREST)
+
+
 def _jpeg(path: Path, size: tuple[int, int] = (40, 30), colour: tuple[int, int, int] = (150, 90, 60)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path, format="JPEG", quality=90)
+    textured_image(path.name, size, colour).save(path, format="JPEG", quality=90)
     return path
 
 
@@ -288,3 +299,47 @@ def test_cli_synthesize_then_ingest(tmp_path: Path):
     assert (tmp_path / "data" / "manifest.parquet").is_file()
     bad = _cli("ingest", *sets, "--set", "data.source=ham10000", "--set", f"data.root={tmp_path / 'absent'}")
     assert bad.returncode == 1 and "absent: data root not found" in bad.stderr
+
+
+def test_near_duplicate_pictures_are_split_together(tiny_config):
+    """The same picture under another image id and lesion id (re-encoded as PNG, as archives hold
+    them) lands in its original's split, so validate passes; with the grouping off it does not.
+    Data without such copies gets the same manifest either way."""
+    from pipeline.errors import ValidationFailed
+    from pipeline.layout import Layout
+    from pipeline.stages.validate import run_validate
+
+    run_synthesize(tiny_config)
+    off = {"data.split.group_near_duplicates": False}
+    run_ingest(tiny_config)
+    manifest_path = Path(tiny_config.paths.work_dir) / "data" / "manifest.parquet"
+    clean = pd.read_parquet(manifest_path)
+    run_ingest(tiny_config.with_overrides(off))
+    pd.testing.assert_frame_equal(clean, pd.read_parquet(manifest_path))
+
+    root = Layout.from_config(tiny_config).synthetic_dir
+    meta = pd.read_csv(root / "HAM10000_metadata.csv")
+    originals = meta.iloc[::4].copy()  # 14 of 56 pictures get a copy
+    copies = originals.copy()
+    copies["image_id"] = [f"COPY_{i:03d}" for i in range(len(copies))]
+    copies["lesion_id"] = [f"COPYLES_{i:03d}" for i in range(len(copies))]
+    for (_, orig), new_id in zip(originals.iterrows(), copies["image_id"], strict=True):
+        with Image.open(root / "images" / f"{orig['image_id']}.jpg") as img:
+            img.convert("RGB").save(root / "images" / f"{new_id}.png")
+    pd.concat([meta, copies]).to_csv(root / "HAM10000_metadata.csv", index=False)
+
+    summary = run_ingest(tiny_config)
+    manifest = pd.read_parquet(manifest_path).set_index("image_id")
+    assert summary["rows"] == 56 + len(copies)
+    for orig, new_id in zip(originals["image_id"], copies["image_id"], strict=True):
+        assert manifest.loc[new_id, "split"] == manifest.loc[orig, "split"], new_id
+        assert manifest.loc[new_id, "group_id"].startswith("COPYLES_")  # the manifest keeps each lesion id
+    assert run_validate(tiny_config)["success"] is True
+
+    run_ingest(tiny_config.with_overrides(off))
+    manifest = pd.read_parquet(manifest_path).set_index("image_id")
+    apart = [n for o, n in zip(originals["image_id"], copies["image_id"], strict=True)
+             if manifest.loc[n, "split"] != manifest.loc[o, "split"]]
+    assert apart  # lesion grouping alone puts some copies in another split ...
+    with pytest.raises(ValidationFailed, match="near_duplicate_one_split"):  # ... which validate refuses
+        run_validate(tiny_config.with_overrides(off))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import SplitConfig
-from pipeline.core.splits import assign_splits
+from pipeline.core.splits import assign_splits, near_duplicate_groups
 
 FRACTIONS = SplitConfig(train=0.7, val=0.15, test=0.15)
 
@@ -184,3 +184,53 @@ def test_holdout_config_rules(value, message):
 
     with pytest.raises(ConfigError, match=rf"data.split.holdout_sources.*{message}"):
         load_config(ROOT / "params.yaml", {"data.split.holdout_sources": value})
+
+
+def _hash(bits: set[int]) -> str:
+    """A 256-bit hash (64 hex digits) with exactly these bit positions set."""
+    value = sum(1 << (255 - b) for b in bits)
+    return f"{value:064x}"
+
+
+def test_near_duplicate_groups_merge_transitively_under_the_smallest_id():
+    base = set(range(0, 256, 2))  # 128 bits set
+    groups = ["L3", "L1", "L2", "L4", "L5", "L5"]
+    hashes = [
+        _hash(base),                     # L3
+        _hash(base | {1, 3}),            # L1: 2 bits from L3
+        _hash(base | {1, 3, 5, 7}),      # L2: 2 bits from L1, 4 from L3
+        _hash(set(range(1, 256, 2))),    # L4: far from everything
+        None,                            # L5: unreadable image, links nothing
+        _hash(set(range(1, 256, 2)) | {0}),  # L5 again: 1 bit from L4
+    ]
+    assert near_duplicate_groups(groups, hashes, 2) == ["L1", "L1", "L1", "L4", "L4", "L4"]
+    # at distance 1 only L4 and L5's second image are linked; L3-L1 and L1-L2 are 2 bits apart
+    assert near_duplicate_groups(groups, hashes, 1) == ["L3", "L1", "L2", "L4", "L4", "L4"]
+    assert near_duplicate_groups(groups, hashes, -1) == groups  # off
+    no_hashes = [None] * len(groups)
+    assert near_duplicate_groups(groups, no_hashes, 64) == groups  # missing hashes never match each other
+    with pytest.raises(ValueError, match="differ in length"):
+        near_duplicate_groups(groups, hashes[:-1], 2)
+
+
+def test_merged_groups_land_in_one_split_and_others_are_untouched():
+    """Split by the merged keys, linked lesions share a split; without links the keys are the
+    groups themselves, so the split is the plain lesion-grouped one."""
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = rng.choice(["nv", "mel", "bkl"], n)
+    groups = [f"G{i:04d}" for i in range(n)]
+    hashes = [_hash(set(rng.choice(256, 128, replace=False).tolist())) for _ in range(n)]
+    cfg = SplitConfig()
+    assert near_duplicate_groups(groups, hashes, 12) == groups  # random hashes are ~128 bits apart
+    # 20 copies of other lesions' pictures, each as its own new lesion
+    copies = rng.choice(n, 20, replace=False)
+    labels2 = np.concatenate([labels, labels[copies]])
+    groups2 = groups + [f"COPY{i:02d}" for i in range(20)]
+    hashes2 = hashes + [hashes[i] for i in copies]
+    keys = near_duplicate_groups(groups2, hashes2, 12)
+    split = assign_splits(labels2, keys, cfg, 7)
+    for k, i in enumerate(copies):
+        assert keys[n + k] == keys[i] == min(groups[i], groups2[n + k]) and split[n + k] == split[i]
+    without = assign_splits(labels2, groups2, cfg, 7)
+    assert any(without[n + k] != without[i] for k, i in enumerate(copies))  # what the merge prevents

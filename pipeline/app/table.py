@@ -91,7 +91,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest", "pipeline.stages.ingest:run_ingest",
         "Read the configured data source into one manifest with lesion-grouped stratified splits.",
-        outs=(Out("manifest", digest=True),), params=("seed", "data"), data_deps=True, task="ingest",
+        outs=(Out("manifest", digest=True),), data_deps=True, task="ingest",
+        # the near-duplicate grouping of the split uses validate's hash distance and bomb guard
+        params=("seed", "data", "validate.near_duplicate_distance", "validate.max_pixels"),
     ),
     Stage(
         "validate", "pipeline.stages.validate:run_validate",

@@ -33,6 +33,14 @@
   unknown site name is a :class:`~pipeline.errors.DataError` naming it and the sites the data
   has; holding out every site is one too. With an empty list (the default) the assignment is
   exactly the random split above, bit for bit.
+* **Near-duplicate pictures split together** (``data.split.group_near_duplicates``):
+  :func:`near_duplicate_groups` merges the lesion groups of pictures whose perceptual hashes are
+  at most ``validate.near_duplicate_distance`` bits apart -- the same photo stored under two ids,
+  re-encoded or re-coloured (the ISIC archive holds such pairs with different lesion ids) -- and
+  the split then groups by the merged key. The manifest keeps each image's own ``group_id``; the
+  validate stage's near-duplicate check uses the same hash and distance, so it holds by
+  construction. Data without such pictures (HAM10000: distinct lesions are at least 19 bits apart)
+  gets exactly the split it got before, bit for bit.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.config import SplitConfig
+from pipeline.core.imaging import hash_words, near_pairs
 from pipeline.core.schema import SPLITS
 from pipeline.errors import DataError
 
@@ -107,6 +116,35 @@ def held_out_groups(groups: Sequence[str], sites: Sequence[str], holdout: Sequen
             f"{sorted(known)}); nothing is left to train on"
         )
     return held
+
+
+def near_duplicate_groups(
+    groups: Sequence[str] | np.ndarray, hashes: Sequence[str | None], max_distance: int
+) -> list[str]:
+    """Per row, the key its split follows: its group, or, where a picture of the group has a
+    near-duplicate in another group (perceptual hashes at most ``max_distance`` bits apart), the
+    smallest group id of all groups so linked (transitively). Rows without a hash (unreadable
+    images) link nothing; ``max_distance < 0`` returns the groups unchanged."""
+    grps = [str(g) for g in groups]
+    if len(hashes) != len(grps):
+        raise ValueError(f"hashes ({len(hashes)}) and groups ({len(grps)}) differ in length")
+    if max_distance < 0:
+        return grps
+    rows = [i for i, h in enumerate(hashes) if h]
+    parent: dict[str, str] = {}
+
+    def root(g: str) -> str:
+        while parent.get(g, g) != g:
+            parent[g] = parent.get(parent[g], parent[g])  # path halving
+            g = parent[g]
+        return g
+
+    for a, b in near_pairs(hash_words([str(hashes[i]) for i in rows]), max_distance):
+        ra, rb = root(grps[rows[a]]), root(grps[rows[b]])
+        if ra != rb:
+            lo, hi = sorted((ra, rb))
+            parent[hi] = lo
+    return [root(g) for g in grps]
 
 
 def assign_splits(

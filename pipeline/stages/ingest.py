@@ -3,7 +3,11 @@
 The source's reader (:mod:`pipeline.io.readers`) lists ``image_id, path, label, group_id``;
 :func:`build_manifest` adds per-file facts (``width``, ``height``, ``sha256``, from headers and bytes
 on ``data.workers`` threads) and the split (:func:`pipeline.core.splits.assign_splits`); the
-manifest is written atomically, rows sorted by ``image_id``.
+manifest is written atomically, rows sorted by ``image_id``. With
+``data.split.group_near_duplicates`` (and ``validate.near_duplicate_distance`` >= 0) every image is
+also decoded once for its perceptual hash (:func:`pipeline.io.imagefacts.inspect_image`, the
+validate stage's own function: same hash, same bomb guard), so that near-duplicate pictures are
+split together (:func:`pipeline.core.splits.near_duplicate_groups`).
 
 Ingest records, validate judges: a listed image that is missing or unreadable keeps its row with
 ``width = height = 0`` (and ``sha256 = ""`` when its bytes cannot be read) so that ``validate``
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +27,10 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.schema import MANIFEST_COLUMNS, SPLITS
-from pipeline.core.splits import assign_splits
+from pipeline.core.splits import assign_splits, near_duplicate_groups
 from pipeline.errors import DataError
 from pipeline.io.files import write_table
+from pipeline.io.imagefacts import inspect_image
 from pipeline.io.images import file_facts
 from pipeline.io.readers import (
     MULTI,
@@ -73,10 +79,28 @@ def build_manifest(table: pd.DataFrame, root: Path, cfg: Config) -> pd.DataFrame
     df["width"] = np.array([f[0] for f in facts], dtype=np.int64)
     df["height"] = np.array([f[1] for f in facts], dtype=np.int64)
     df["sha256"] = [f[2] for f in facts]
-    df["split"] = assign_splits(
-        df["label"].to_numpy(), df["group_id"].to_numpy(), cfg.data.split, cfg.seed, df[SITE_COLUMN].to_numpy()
-    )
+    keys = split_keys(df, root, cfg)
+    df["split"] = assign_splits(df["label"].to_numpy(), keys, cfg.data.split, cfg.seed, df[SITE_COLUMN].to_numpy())
     return df.loc[:, list(MANIFEST_COLUMNS)]
+
+
+def split_keys(df: pd.DataFrame, root: Path, cfg: Config) -> list[str]:
+    """The group each row's split follows: ``group_id``, merged across near-duplicate pictures when
+    ``data.split.group_near_duplicates`` is on (decodes every image once, on ``data.workers`` threads;
+    an image that cannot be decoded keeps its own group and validate reports it)."""
+    groups = df["group_id"].astype(str).tolist()
+    distance = cfg.validate_cfg.near_duplicate_distance
+    if not cfg.data.split.group_near_duplicates or distance < 0:
+        return groups
+    resolved = root.resolve()
+    hash_of = partial(inspect_image, root=resolved, max_pixels=cfg.validate_cfg.max_pixels)
+    with ThreadPoolExecutor(max_workers=cfg.data.workers) as pool:
+        hashes = [f["phash"] for f in pool.map(hash_of, df["path"])]
+    keys = near_duplicate_groups(groups, hashes, distance)
+    merged = sum(k != g for k, g in zip(keys, groups, strict=True))
+    if merged:
+        log.info("ingest: %d image(s) split together with a near-duplicate picture of another lesion", merged)
+    return keys
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
