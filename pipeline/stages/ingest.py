@@ -97,9 +97,10 @@ def split_keys(df: pd.DataFrame, root: Path, cfg: Config) -> list[str]:
     with ThreadPoolExecutor(max_workers=cfg.data.workers) as pool:
         hashes = [f["phash"] for f in pool.map(hash_of, df["path"])]
     keys = near_duplicate_groups(groups, hashes, distance)
-    merged = sum(k != g for k, g in zip(keys, groups, strict=True))
-    if merged:
-        log.info("ingest: %d image(s) split together with a near-duplicate picture of another lesion", merged)
+    joined = {g for k, g in zip(keys, groups, strict=True) if k != g}
+    if joined:
+        log.info("ingest: %d lesion group(s) follow the split of another lesion with a near-duplicate picture",
+                 len(joined))
     return keys
 
 
