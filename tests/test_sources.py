@@ -311,7 +311,7 @@ def test_near_duplicate_pictures_are_split_together(tiny_config):
 
     run_synthesize(tiny_config)
     off = {"data.split.group_near_duplicates": False}
-    run_ingest(tiny_config)
+    assert run_ingest(tiny_config)["near_duplicate_joins"] == {"lesions": 0, "examples": {}}
     manifest_path = Path(tiny_config.paths.work_dir) / "data" / "manifest.parquet"
     clean = pd.read_parquet(manifest_path)
     run_ingest(tiny_config.with_overrides(off))
@@ -331,6 +331,11 @@ def test_near_duplicate_pictures_are_split_together(tiny_config):
     summary = run_ingest(tiny_config)
     manifest = pd.read_parquet(manifest_path).set_index("image_id")
     assert summary["rows"] == 56 + len(copies)
+    joins = summary["near_duplicate_joins"]  # what an auditor reads: which lesions were split together
+    assert joins["lesions"] == len(copies) and len(joins["examples"]) == 10
+    pairs = {frozenset(p) for p in zip(copies["lesion_id"], originals["lesion_id"], strict=True)}
+    for lesion, followed in joins["examples"].items():  # the larger id follows the smaller one's split
+        assert frozenset((lesion, followed)) in pairs and followed < lesion
     for orig, new_id in zip(originals["image_id"], copies["image_id"], strict=True):
         assert manifest.loc[new_id, "split"] == manifest.loc[orig, "split"], new_id
         assert manifest.loc[new_id, "group_id"].startswith("COPYLES_")  # the manifest keeps each lesion id

@@ -71,6 +71,12 @@ def build_manifest(table: pd.DataFrame, root: Path, cfg: Config) -> pd.DataFrame
     """Reader table -> full manifest (facts + splits), sorted by ``image_id``.
 
     ``source_site`` is the reader's where given, else ``cfg.data.source`` (see :func:`with_sites`)."""
+    return manifest_and_joins(table, root, cfg)[0]
+
+
+def manifest_and_joins(table: pd.DataFrame, root: Path, cfg: Config) -> tuple[pd.DataFrame, dict[str, str]]:
+    """:func:`build_manifest` and the lesion groups whose split follows another group's because of a
+    near-duplicate picture (group -> the group it follows; see :func:`split_keys`)."""
     table = with_sites(table, cfg.data.source)
     cols = [*READER_COLUMNS, SITE_COLUMN]
     df = table.loc[:, cols].astype(str).sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -81,7 +87,8 @@ def build_manifest(table: pd.DataFrame, root: Path, cfg: Config) -> pd.DataFrame
     df["sha256"] = [f[2] for f in facts]
     keys = split_keys(df, root, cfg)
     df["split"] = assign_splits(df["label"].to_numpy(), keys, cfg.data.split, cfg.seed, df[SITE_COLUMN].to_numpy())
-    return df.loc[:, list(MANIFEST_COLUMNS)]
+    joins = {g: k for g, k in zip(df["group_id"].astype(str), keys, strict=True) if k != g}
+    return df.loc[:, list(MANIFEST_COLUMNS)], dict(sorted(joins.items()))
 
 
 def split_keys(df: pd.DataFrame, root: Path, cfg: Config) -> list[str]:
@@ -117,10 +124,12 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
 
 def run_ingest(cfg: Config) -> dict[str, Any]:
     root, table = read_source(cfg)
-    manifest = build_manifest(table, root, cfg)
+    manifest, joins = manifest_and_joins(table, root, cfg)
     out = Layout.from_config(cfg).manifest
     write_table(out, manifest)
     summary = {"source": cfg.data.source, "root": str(root), "manifest": str(out), **summarize(manifest)}
+    # lesions split with another lesion because one of their pictures is a near-duplicate of its
+    summary["near_duplicate_joins"] = {"lesions": len(joins), "examples": dict(list(joins.items())[:10])}
     if cfg.data.sources:
         summary["sources"] = [{"name": e.label, "source": e.source, "root": e.root} for e in cfg.data.sources]
     if summary["unreadable"]:
