@@ -87,8 +87,11 @@ def manifest_and_joins(table: pd.DataFrame, root: Path, cfg: Config) -> tuple[pd
     df["sha256"] = [f[2] for f in facts]
     keys = split_keys(df, root, cfg)
     df["split"] = assign_splits(df["label"].to_numpy(), keys, cfg.data.split, cfg.seed, df[SITE_COLUMN].to_numpy())
-    joins = {g: k for g, k in zip(df["group_id"].astype(str), keys, strict=True) if k != g}
-    return df.loc[:, list(MANIFEST_COLUMNS)], dict(sorted(joins.items()))
+    joins = dict(sorted({g: k for g, k in zip(df["group_id"].astype(str), keys, strict=True) if k != g}.items()))
+    if joins:
+        log.info("ingest: %d lesion group(s) follow the split of another lesion with a near-duplicate picture",
+                 len(joins))
+    return df.loc[:, list(MANIFEST_COLUMNS)], joins
 
 
 def split_keys(df: pd.DataFrame, root: Path, cfg: Config) -> list[str]:
@@ -103,12 +106,7 @@ def split_keys(df: pd.DataFrame, root: Path, cfg: Config) -> list[str]:
     hash_of = partial(inspect_image, root=resolved, max_pixels=cfg.validate_cfg.max_pixels)
     with ThreadPoolExecutor(max_workers=cfg.data.workers) as pool:
         hashes = [f["phash"] for f in pool.map(hash_of, df["path"])]
-    keys = near_duplicate_groups(groups, hashes, distance)
-    joined = {g for k, g in zip(keys, groups, strict=True) if k != g}
-    if joined:
-        log.info("ingest: %d lesion group(s) follow the split of another lesion with a near-duplicate picture",
-                 len(joined))
-    return keys
+    return near_duplicate_groups(groups, hashes, distance)
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
