@@ -76,6 +76,11 @@ class Layout:
         return self.reports_dir / "validation"
 
     @property
+    def ingest_summary(self) -> Path:
+        """What ingest read and how it split it (rows per split/site, near-duplicate joins)."""
+        return self.reports_dir / "ingest_summary.json"
+
+    @property
     def pairs_summary(self) -> Path:
         return self.reports_dir / "pairs_summary.json"
 

@@ -244,6 +244,10 @@ def make_run(cfg: Any, seed: int = 0, per_split: tuple[int, int, int] = (3, 2, 2
     (layout.validation_dir / "result.json").write_text(json.dumps({"success": True, "statistics": {"evaluated": 9}}))
     (layout.validation_dir / "summary.html").write_text("<html><body>validation passed</body></html>")
     layout.pairs_summary.write_text(json.dumps({"epochs": 2, "pairs": 42, "positive_fraction": 0.5}))
+    layout.ingest_summary.write_text(json.dumps({
+        "rows": len(manifest), "per_split": {s: 7 * n for s, n in zip(("train", "val", "test"), per_split, strict=True)},
+        "near_duplicate_joins": {"lesions": 1, "examples": {"train_nv_1": "train_nv_0"}, "all": {"train_nv_1": "train_nv_0"}},
+    }))
     return layout.work_dir
 
 

@@ -81,7 +81,8 @@ def test_every_version_verifies_and_shows_its_own_data(audited: Any, capsys: pyt
         assert all(c["ok"] for c in chain["verify"]), [c for c in chain["verify"] if not c["ok"]]
         names = {c["check"] for c in chain["verify"]}
         assert {"artifact index", "gate artifact index", "registered weights", "dataset train",
-                "manifest test content", "artifact plots/roc.png", "artifact model_card.md"} <= names  # fmt: skip
+                "manifest test content", "artifact plots/roc.png", "artifact model_card.md",
+                "artifact data/ingest_summary.json vs tag"} <= names  # fmt: skip
         assert chain["run"]["triggered_by"] and chain["environment"]["requirements_lock_sha256"]
         assert chain["model"]["gate"]["decision"] == reg["decision"] and chain["model"]["model_card"]
     # the two runs' data are told apart: other roots, other manifests

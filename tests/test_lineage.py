@@ -113,8 +113,12 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
     assert chain["validation"]["success"] == "true"
     assert chain["validation"]["digest"] == file_sha256(work / "reports" / "validation" / "result.json")
     assert chain["pairs"]["summary_digest"] == file_sha256(work / "reports" / "pairs_summary.json")
+    # how the split was made: the ingest summary (near-duplicate joins) is part of the chain
+    assert chain["data"]["ingest_summary_digest"] == file_sha256(work / "reports" / "ingest_summary.json")
+    assert chain["data"]["near_duplicate_joins"] == "1"
     assert chain["airflow"] == {"dag_id": "skin_twin", "dag_run_id": "scheduled__2026-01-05", "try_number": "1"}
     for needle in ("-> run", "-> code    feedface (uncommitted changes)", "-> params", "-> data",
+                   "split: 1 lesion group(s) joined to another's for a near-duplicate picture (data/ingest_summary.json",
                    "-> checks  validation success=true", "-> pairs", "-> airflow dag skin_twin run scheduled__2026-01-05 try 1"):
         assert needle in printed, needle
     assert format_chain(chain) in printed

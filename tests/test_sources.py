@@ -336,6 +336,11 @@ def test_near_duplicate_pictures_are_split_together(tiny_config):
     pairs = {frozenset(p) for p in zip(copies["lesion_id"], originals["lesion_id"], strict=True)}
     for lesion, followed in joins["examples"].items():  # the larger id follows the smaller one's split
         assert frozenset((lesion, followed)) in pairs and followed < lesion
+    # the file `track` logs for the lineage holds every join, not only the summary's first 10
+    record = json.loads(Layout.from_config(tiny_config).ingest_summary.read_text())
+    assert record["near_duplicate_joins"]["lesions"] == len(copies)
+    assert {frozenset(p) for p in record["near_duplicate_joins"]["all"].items()} == pairs
+    assert record["per_split"] == summary["per_split"] and record["rows"] == summary["rows"]
     for orig, new_id in zip(originals["image_id"], copies["image_id"], strict=True):
         assert manifest.loc[new_id, "split"] == manifest.loc[orig, "split"], new_id
         assert manifest.loc[new_id, "group_id"].startswith("COPYLES_")  # the manifest keeps each lesion id

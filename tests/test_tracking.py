@@ -139,7 +139,7 @@ def test_run_holds_params_metrics_datasets_tags_artifacts(tracked) -> None:
         for f in client.list_artifacts(result["run_id"], stack.pop() or None):
             (stack.append(f.path) if f.is_dir else arts.add(f.path))
     for path in ("run_report.html", "plots/confusion_matrix.png", "plots/roc.png", "plots/training_curves.png",
-                 "cam/grid.png", "validation/result.json", "validation/summary.html", "pairs/pairs_summary.json",
+                 "cam/grid.png", "validation/result.json", "validation/summary.html", "pairs/pairs_summary.json", "data/ingest_summary.json",
                  "reports/metrics.json", "train/history.csv", "export/config.json"):
         assert path in arts, path
     report = (work / "reports" / "run_report.html").read_text()

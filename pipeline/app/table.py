@@ -91,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "ingest", "pipeline.stages.ingest:run_ingest",
         "Read the configured data source into one manifest with lesion-grouped stratified splits.",
-        outs=(Out("manifest", digest=True),), data_deps=True, task="ingest",
+        outs=(Out("manifest", digest=True), Out("ingest_summary", cache=False)), data_deps=True, task="ingest",
         # the near-duplicate grouping of the split uses validate's hash distance and bomb guard
         params=("seed", "data", "validate.near_duplicate_distance", "validate.max_pixels"),
     ),
@@ -136,7 +136,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "track", "pipeline.stages.track:run_track",
         "Log params, metrics, artifacts, datasets and the model of this run to MLflow.",
-        deps=("export_dir", "metrics", "validation_dir", "pairs_summary"),
+        deps=("export_dir", "metrics", "validation_dir", "pairs_summary", "ingest_summary"),
         outs=(Out("tracking_record", cache=False, digest=True),), params=("mlflow", "predict"), task="track",
         dvc_stage="publish",
     ),

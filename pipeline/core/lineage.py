@@ -4,7 +4,7 @@ The facts are gathered at tracking time (:mod:`pipeline.io.provenance`) as MLflo
 dataset inputs; for a registered version, :func:`lineage_chain` assembles them into
 
     model version -> run -> code commit -> params (hash + key values) -> data digests per split
-    -> validation result -> pair manifest -> Airflow run (when there was one)
+    (and the ingest summary: near-duplicate joins of the split) -> validation result -> pair manifest -> Airflow run (when there was one)
 
 and :func:`format_chain` prints it (the ``lineage`` stage, :mod:`pipeline.stages.lineage`).
 """
@@ -90,6 +90,8 @@ def lineage_chain(version: Any, run: Any, datasets: list[Any]) -> dict[str, Any]
     data: dict[str, Any] = {
         "source": _tag(tags, "data_source"),
         "root": _tag(tags, "data_root"),
+        "ingest_summary_digest": _tag(tags, "ingest.summary_digest"),
+        "near_duplicate_joins": _tag(tags, "ingest.near_duplicate_joins"),
     }
     for split, context in SPLIT_CONTEXT.items():
         entry: dict[str, Any] = {
@@ -175,6 +177,11 @@ def format_chain(chain: Mapping[str, Any]) -> str:
     ]
     lines += [f"           {k} = {v}" for k, v in p["values"].items()]
     lines.append(f"-> data    {d.get('source')} from {d.get('root')}")
+    if d.get("ingest_summary_digest"):
+        lines.append(f"           split: {d.get('near_duplicate_joins') or '?'} lesion group(s) joined to another's for a "
+                     f"near-duplicate picture (data/ingest_summary.json, sha256 {d['ingest_summary_digest']})")
+    else:
+        lines.append("           split: no ingest summary recorded")
     for split in SPLITS:
         e = d.get(split) or {}
         lines.append(f"           {split:5s} content {e.get('tag_digest')} ({e.get('rows')} images)")

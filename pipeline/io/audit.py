@@ -10,7 +10,9 @@ model version) -- nothing is taken from the local run folder, which an auditor m
 * **manifests** -- per split, the logged manifest's bytes have the tag's sha256, its rows give the
   tag's content digest (:func:`pipeline.core.lineage.content_digest`), and the MLflow dataset of
   the run is that manifest (its digest covers content and source);
-* **validation / pairs** -- the logged result and pair summary have the digests of their tags;
+* **ingest / validation / pairs** -- the logged ingest summary (near-duplicate joins of the split;
+  runs tracked before it existed have neither the file nor its tag), validation result and pair
+  summary have the digests of their tags;
 * **model** -- the registered version's weights have the sha256 its ``config.json`` records, which is
   the sha256 the run tagged at tracking time (the registry serves what was trained).
 """
@@ -79,7 +81,10 @@ def verify(client: Any, version: Any, run: Any, chain: dict[str, Any], workdir: 
         checks.append(_check(f"dataset {split}", own and entry.get("digest") == want,
                              f"source {source} (this run's manifest: {own}), digest {entry.get('digest')}"))  # fmt: skip
 
-    for rel, key in (("validation/result.json", "validation.digest"), ("pairs/pairs_summary.json", "pairs.summary_digest")):
+    recorded_files = [("validation/result.json", "validation.digest"), ("pairs/pairs_summary.json", "pairs.summary_digest")]
+    if f"{TAG}ingest.summary_digest" in tags or (root / "data" / "ingest_summary.json").is_file():
+        recorded_files.append(("data/ingest_summary.json", "ingest.summary_digest"))  # runs tracked before it had none
+    for rel, key in recorded_files:
         now, tag = file_sha256(root / rel), tags.get(f"{TAG}{key}")
         checks.append(_check(f"artifact {rel} vs tag", now == tag, f"sha256 {_short(now)} vs tag {_short(tag)}"))
 

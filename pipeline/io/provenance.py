@@ -20,8 +20,10 @@ Sources of each link:
   device of training (``models/train/best.json``).
 * **environment**: sha256 of ``requirements.lock``, Python and platform, and the installed package
   list (:func:`installed_packages`, logged as an artifact).
-* **validation / pairs**: success flag and sha256 of ``reports/validation/result.json``; sha256 of
-  ``reports/pairs_summary.json`` (and of ``data/pairs.parquet``).
+* **ingest / validation / pairs**: sha256 of ``reports/ingest_summary.json`` and its count of
+  near-duplicate joins (lesion groups split with another group); success flag and sha256 of
+  ``reports/validation/result.json``; sha256 of ``reports/pairs_summary.json`` (and of
+  ``data/pairs.parquet``).
 * **Airflow**: ``AIRFLOW_CTX_DAG_ID``, ``AIRFLOW_CTX_DAG_RUN_ID``, ``AIRFLOW_CTX_TRY_NUMBER`` (set by
   Airflow in every task's environment) or explicit arguments.
 """
@@ -257,6 +259,11 @@ def lineage_tags(
     val = validation_result(layout)
     tags[f"{TAG}validation.success"] = val["success"]
     tags[f"{TAG}validation.digest"] = val["digest"]
+    ingest = read_json(layout.ingest_summary)
+    tags[f"{TAG}ingest.summary_digest"] = file_sha256(layout.ingest_summary)
+    if isinstance(ingest, Mapping) and isinstance(ingest.get("near_duplicate_joins"), Mapping):
+        # lesion groups split with another group because of a near-duplicate picture (list: the artifact)
+        tags[f"{TAG}ingest.near_duplicate_joins"] = ingest["near_duplicate_joins"].get("lesions")
     tags[f"{TAG}pairs.summary_digest"] = file_sha256(layout.pairs_summary)
     tags[f"{TAG}pairs.manifest_digest"] = file_sha256(layout.pairs)
     best = read_json(layout.train_dir / "best.json")

@@ -12,6 +12,11 @@ split together (:func:`pipeline.core.splits.near_duplicate_groups`).
 Ingest records, validate judges: a listed image that is missing or unreadable keeps its row with
 ``width = height = 0`` (and ``sha256 = ""`` when its bytes cannot be read) so that ``validate``
 reports every bad file at once; what makes the source itself unusable is an error here.
+
+Besides the manifest, ingest writes its summary (rows per label, split and site, the sources and
+the near-duplicate joins, each lesion group that follows another's split with the group it
+follows) to ``reports/ingest_summary.json`` (:attr:`Layout.ingest_summary`); ``track`` logs it to
+MLflow (``data/ingest_summary.json``, tags ``skin_twin.ingest.*``) for the lineage an auditor reads.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pipeline.config import Config
 from pipeline.core.schema import MANIFEST_COLUMNS, SPLITS
 from pipeline.core.splits import assign_splits, near_duplicate_groups
 from pipeline.errors import DataError
-from pipeline.io.files import write_table
+from pipeline.io.files import write_json, write_table
 from pipeline.io.imagefacts import inspect_image
 from pipeline.io.images import file_facts
 from pipeline.io.readers import (
@@ -123,13 +128,17 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
 def run_ingest(cfg: Config) -> dict[str, Any]:
     root, table = read_source(cfg)
     manifest, joins = manifest_and_joins(table, root, cfg)
-    out = Layout.from_config(cfg).manifest
+    layout = Layout.from_config(cfg)
+    out = layout.manifest
     write_table(out, manifest)
     summary = {"source": cfg.data.source, "root": str(root), "manifest": str(out), **summarize(manifest)}
     # lesions split with another lesion because one of their pictures is a near-duplicate of its
     summary["near_duplicate_joins"] = {"lesions": len(joins), "examples": dict(list(joins.items())[:10])}
     if cfg.data.sources:
         summary["sources"] = [{"name": e.label, "source": e.source, "root": e.root} for e in cfg.data.sources]
+    # the record `track` logs for the auditor: the summary with every join, not only the first 10
+    write_json(layout.ingest_summary, {**summary, "near_duplicate_joins": {
+        **summary["near_duplicate_joins"], "all": joins}})
     if summary["unreadable"]:
         log.warning("ingest: %d image(s) missing or unreadable (validate reports them)", summary["unreadable"])
     log.info("ingest: %d rows, %d groups -> %s", summary["rows"], summary["groups"], out)

@@ -16,7 +16,8 @@ What one run holds (:func:`run_track`)
     * **tags**: the lineage of :func:`pipeline.io.provenance.lineage_tags` (git commit + dirty flag, DVC
       lock hashes, params digest, package version, validation/pairs digests, Airflow run).
     * **artifacts**: ``plots/`` (confusion matrix, ROC, training curves), ``cam/`` (grid + samples),
-      ``validation/`` (result JSON + HTML), ``pairs/pairs_summary.json``, ``reports/metrics.json``,
+      ``validation/`` (result JSON + HTML), ``data/ingest_summary.json`` (rows per split and site,
+      near-duplicate joins), ``pairs/pairs_summary.json``, ``reports/metrics.json``,
       ``train/history.csv``, ``export/config.json``, ``lineage/dvc.lock`` and ``run_report.html``
       (the one-page report: metrics table, plots embedded as base64, validation status, pairs
       summary, lineage tags; also written to ``reports/run_report.html``).
@@ -226,6 +227,7 @@ def run_track(
             log_folder(env_dir, "environment")
             dvc = provenance.dvc_context()
             for path, dest in (
+                (layout.ingest_summary, "data"),
                 (layout.pairs_summary, "pairs"),
                 (layout.metrics, "reports"),
                 (layout.metrics_detail, "reports"),
