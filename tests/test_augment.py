@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import AugmentConfig, load_config
-from pipeline.core.augment import copies_per_class, copy_seed, plan_outputs
+from pipeline.core.augment import copies_per_class, copies_per_site, copy_seed, plan_outputs
 from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.errors import DataError
 from pipeline.io.images import load_resized
@@ -33,7 +33,7 @@ def _image(i: int) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8))
 
 
-def _setup(tmp_path: Path, **over) -> object:
+def _setup(tmp_path: Path, sites: list[str] | None = None, **over) -> object:
     root = tmp_path / "raw"
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -42,7 +42,8 @@ def _setup(tmp_path: Path, **over) -> object:
         (root / label).mkdir(exist_ok=True)
         _image(i).save(root / path)
         rows.append({"image_id": f"ISIC_{i:03d}", "path": path, "label": label, "group_id": f"L{i}", "split": split,
-                     "width": 50, "height": 40, "sha256": "0" * 64, "mode": "RGB"})
+                     "width": 50, "height": 40, "sha256": "0" * 64, "mode": "RGB",
+                     **({"source_site": sites[i]} if sites else {})})
     base = {
         "paths.work_dir": str(tmp_path / "work"),
         "data.root": str(root),
@@ -77,6 +78,53 @@ def test_copies_per_class_balancing_and_cap():
     assert copies_per_class({"nv": 3, "mel": 2}, AugmentConfig(copies=1, max_copies=4))["mel"] == 2
     assert copies_per_class({"nv": 4, "df": 1}, AugmentConfig(copies=2, balance=False)) == {"nv": 2, "df": 2}
     assert copies_per_class({}, cfg) == {}
+
+
+def test_copies_per_site_shares_each_class_among_its_sites():
+    cfg = AugmentConfig(copies=2, max_copies=9, balance=True, balance_sites=True)
+    # one site: exactly the class balancing
+    one = {"nv": 4, "mel": 2, "df": 1, "bcc": 3}
+    assert copies_per_site({("a", c): n for c, n in one.items()}, cfg) == {
+        ("a", c): k for c, k in copies_per_class(one, cfg).items()}
+    # n_max = 8 (nv: 6 at a, 2 at b): class balancing gives nv 2 copies (3 images per picture,
+    # 24 in all), mel (4 at b) 4, df (1 at a, 1 at b) 8, vasc (1 at c) 16 -> 9.
+    # By site: nv at a 3 * 8 / (2 * 6) = 2 images -> 1 copy, at b 3 * 8 / (2 * 2) = 6 -> 5 copies
+    # (12 nv images at each site); one-site classes keep their copies; df evenly split already
+    cells = {("a", "nv"): 6, ("b", "nv"): 2, ("b", "mel"): 4, ("a", "df"): 1, ("b", "df"): 1, ("c", "vasc"): 1,
+             ("c", "bcc"): 0}
+    assert copies_per_site(cells, cfg) == {("a", "nv"): 1, ("b", "nv"): 5, ("b", "mel"): 4, ("a", "df"): 8,
+                                           ("b", "df"): 8, ("c", "vasc"): 9}
+    # a big site's share may round to no copy (its pictures stay); capped at max_copies
+    big = {("a", "nv"): 90, ("b", "nv"): 2}
+    assert copies_per_site(big, AugmentConfig(copies=1, max_copies=20, balance_sites=True)) == {
+        ("a", "nv"): 0, ("b", "nv"): 20}
+    # without originals the copies are the images: at least 1 each
+    assert copies_per_site(big, AugmentConfig(copies=1, max_copies=20, balance_sites=True, keep_original=False)) == {
+        ("a", "nv"): 1, ("b", "nv"): 20}
+    assert copies_per_site({}, cfg) == {}
+    with pytest.raises(ValueError, match="needs balance: true"):
+        AugmentConfig(balance=False, balance_sites=True)
+
+
+def test_site_balanced_plan_evens_out_a_class_across_sites():
+    # nv: 6 train pictures at site a, 2 at b; mel 2 at b; a val picture (never copied)
+    sites = ["a"] * 6 + ["b"] * 2 + ["b"] * 2 + ["a"]
+    labels = ["nv"] * 8 + ["mel"] * 2 + ["nv"]
+    splits = ["train"] * 10 + ["val"]
+    df = pd.DataFrame({"image_id": [f"i{k}" for k in range(11)], "path": [f"{k}.png" for k in range(11)],
+                       "label": labels, "group_id": [f"g{k}" for k in range(11)], "split": splits,
+                       "source_site": sites})
+    nv_per_site = {}
+    for on in (False, True):
+        plan, _ = plan_outputs(df, AugmentConfig(copies=1, max_copies=8, balance_sites=on))
+        train = plan[plan["split"] == "train"]
+        nv_per_site[on] = train[train["label"] == "nv"].groupby("source_site").size().to_dict()
+        assert (train["label"] == "mel").sum() == 2 * 5  # one site: class balancing, 8 / 2 = 4 copies
+        assert len(plan[plan["split"] == "val"]) == 1 and (plan.loc[plan["split"] == "val", "copy"] == 0).all()
+    assert nv_per_site[False] == {"a": 12, "b": 4}  # 1 copy each: site a holds 3/4 of the class
+    assert nv_per_site[True] == {"a": 6, "b": 8}  # 2 * 8 / (2 * 6) = 1.33 -> 1 image; 2 * 8 / 4 = 4 images
+    with pytest.raises(DataError, match="source_site"):
+        plan_outputs(df.drop(columns="source_site"), AugmentConfig(balance_sites=True))
 
 
 def test_copy_seed_depends_on_all_inputs():
@@ -137,6 +185,23 @@ def test_augment_without_original_and_balance(tmp_path):
     assert sorted(train["copy"].unique()) == [1, 2]
     assert len(train) == 7 * 2
     assert (m.loc[m["split"] != "train", "copy"] == 0).all()
+
+
+def test_augment_stage_balances_sites(tmp_path):
+    """Train nv: 3 pictures at site x, 1 at y. By class alone each gets 2 copies (x holds 9 of 12
+    nv images); by site the class's 12 images are shared: x 12 / (2 * 3) = 2 images per picture,
+    y 12 / 2 = 6."""
+    sites = ["x", "x", "x", "y"] + ["x"] * 3 + ["x", "x", "x"]
+    cfg = _setup(tmp_path, sites=sites, **{"augment.balance_sites": True, "augment.max_copies": 6})
+    summary = run_augment(cfg)
+    m = pd.read_parquet(Layout.from_config(cfg).augmented_manifest)
+    nv = m[(m["split"] == "train") & (m["label"] == "nv")]
+    assert nv.groupby("source_id").size().to_dict() == {"ISIC_000": 2, "ISIC_001": 2, "ISIC_002": 2, "ISIC_003": 6}
+    assert summary["copies_per_site"] == {"x": {"df": 6, "mel": 4, "nv": 1}, "y": {"nv": 5}}
+    assert summary["train_per_site"] == {"x": {"df": 7, "mel": 10, "nv": 6}, "y": {"nv": 6}}
+    assert "copies_per_class" not in summary  # not what was applied
+    pngs = {str(p.relative_to(Layout.from_config(cfg).augmented_dir)) for p in Layout.from_config(cfg).augmented_dir.rglob("*.png")}
+    assert pngs == set(m["path"])
 
 
 def test_augment_deterministic_across_workers_and_seed_matters(tmp_path):

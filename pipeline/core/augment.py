@@ -34,6 +34,17 @@ Design choices:
 * **Class balancing.** With ``balance``, class ``c`` gets ``round(copies * n_max / n_c)``
   augmented copies per image (round half up), capped at ``max_copies``; ``n`` counts *train*
   images. Without it every class gets ``copies``.
+* **Site balancing** (``balance_sites``, with ``balance``; off by default). A class whose train
+  images come mostly from one acquisition site (HAM10000: 83 % of the ``nv`` come from
+  ``vidir_molemax``, which holds almost nothing else) teaches the network that site's look as the
+  class -- the shortcut that reads a new clinic's ``nv`` as ``mel``. With it, the images the class
+  balancing gives a class are shared **equally among the sites** that have train images of it: a
+  picture of site ``s`` and class ``c`` gets ``T_c * n_c / (S_c * n_sc)`` images (``T_c`` = the
+  original plus ``k_c`` copies of the class balancing, ``n_c`` the class's train pictures, ``S_c``
+  its sites, ``n_sc`` its pictures at ``s``; round half up), so a big site's pictures may get no
+  copy and a small site's up to ``max_copies``; every picture stays in. With one site this is
+  exactly the class balancing above. Sites are the manifest's ``source_site``
+  (:func:`copies_per_site`).
 * **Determinism.** Copy ``k`` of image ``id`` is transformed under a torch seed derived from
   ``sha256(seed, id, k)``, set in a forked RNG state, so bytes depend only on the seed, the image
   and the config -- not on the worker count, the order of work or other images.
@@ -81,6 +92,31 @@ def copies_per_class(train_counts: dict[str, int], cfg: AugmentConfig) -> dict[s
     return {c: min(cfg.max_copies, int(math.floor(cfg.copies * n_max / n + 0.5))) for c, n in present.items()}
 
 
+def copies_per_site(train_counts: dict[tuple[str, str], int], cfg: AugmentConfig) -> dict[tuple[str, str], int]:
+    """Augmented copies per train image of each (site, class) cell under ``balance_sites`` (see the
+    module docstring). Class ``c`` keeps the images per picture of the class balancing,
+    ``T_c = o + k_c`` (``k_c`` of :func:`copies_per_class`, ``o`` = 1 with ``keep_original``), in
+    total, shared equally among its ``S_c`` sites: a picture of site ``s`` gets
+    ``T_c * n_c / (S_c * n_sc)`` images, rounded half up, i.e. that minus ``o`` copies, at least
+    ``1 - o`` (every picture stays in) and at most ``max_copies``. Cells with no train image are
+    left out; with one site the result is :func:`copies_per_class`'s."""
+    present = {cell: n for cell, n in train_counts.items() if n > 0}
+    if not present:
+        return {}
+    n_class: dict[str, int] = {}
+    sites: dict[str, int] = {}
+    for (_, c), n in present.items():
+        n_class[c] = n_class.get(c, 0) + n
+        sites[c] = sites.get(c, 0) + 1
+    per_class = copies_per_class(n_class, cfg)
+    o = 1 if cfg.keep_original else 0
+    out: dict[tuple[str, str], int] = {}
+    for (site, c), n in present.items():
+        images = (o + per_class[c]) * n_class[c] / (sites[c] * n)
+        out[(site, c)] = min(cfg.max_copies, max(1 - o, int(math.floor(images + 0.5)) - o))
+    return out
+
+
 def copy_seed(seed: int, image_id: str, copy: int) -> int:
     """Torch seed of copy ``copy`` of ``image_id``: 63 bits of sha256 over (seed, id, copy)."""
     digest = hashlib.sha256(f"{seed}\x00{image_id}\x00{copy}".encode()).digest()
@@ -94,18 +130,31 @@ def safe_name(image_id: str) -> str:
 
 def plan_outputs(manifest: pd.DataFrame, cfg: AugmentConfig) -> tuple[pd.DataFrame, dict[str, int]]:
     """One row per image to write: the augmented manifest plus ``source_path`` (relative to the
-    data root) and ``seed`` (only read for copies >= 1). Also returns the copies per class.
+    data root) and ``source_site`` ("" when the manifest has none). Also returns the copies per
+    class of the class balancing (with ``balance_sites`` the copies follow each (site, class) cell,
+    :func:`copies_per_site`).
 
     Raises :class:`DataError` when two outputs would get the same file name.
     """
     train = manifest[manifest["split"] == "train"]
     counts = {c: int((train["label"] == c).sum()) for c in CLASSES}
     per_class = copies_per_class(counts, cfg)
+    by_site = cfg.balance and cfg.balance_sites
+    if by_site:
+        if "source_site" not in manifest.columns:
+            raise DataError("augment.balance_sites needs the manifest's source_site column")
+        cells = train.groupby(["source_site", "label"]).size()
+        per_cell = copies_per_site({(str(s), str(c)): int(n) for (s, c), n in cells.items()}, cfg)
     rows: list[dict[str, Any]] = []
     first_copy = 0 if cfg.keep_original else 1
     for rec in manifest.itertuples(index=False):
         image_id = str(rec.image_id)
-        n_copies = per_class.get(rec.label, 0) if rec.split == "train" else 0
+        if rec.split != "train":
+            n_copies = 0
+        elif by_site:
+            n_copies = per_cell[(str(rec.source_site), str(rec.label))]
+        else:
+            n_copies = per_class.get(rec.label, 0)
         copy_range: Iterable[int] = range(first_copy, n_copies + 1) if rec.split == "train" else (0,)
         for k in copy_range:
             new_id = f"{image_id}__a{k}"
@@ -119,9 +168,10 @@ def plan_outputs(manifest: pd.DataFrame, cfg: AugmentConfig) -> tuple[pd.DataFra
                     "split": str(rec.split),
                     "copy": k,
                     "source_path": str(rec.path),
+                    "source_site": str(getattr(rec, "source_site", "")),
                 }
             )
-    plan = pd.DataFrame(rows, columns=[*AUGMENTED_COLUMNS, "source_path"])
+    plan = pd.DataFrame(rows, columns=[*AUGMENTED_COLUMNS, "source_path", "source_site"])
     plan["copy"] = plan["copy"].astype(np.int64)
     dup = plan["path"].duplicated(keep=False)
     if dup.any():
@@ -208,8 +258,10 @@ def augment_image(img: Image.Image, transform: Any, seed: int) -> Image.Image:
 
 
 def summarize(plan: pd.DataFrame, per_class: dict[str, int], cfg: AugmentConfig) -> dict[str, Any]:
-    """Counts per split and per (split, class), copies per class."""
-    return {
+    """Counts per split and per (split, class), copies per class; with ``balance_sites`` the
+    copies per site and class instead (``copies_per_site``: site -> class -> copies) and the train
+    images per site and class (``train_per_site``)."""
+    out: dict[str, Any] = {
         "images": {s: int((plan["split"] == s).sum()) for s in SPLITS},
         "per_class": {
             s: {c: int(n) for c, n in plan.loc[plan["split"] == s, "label"].value_counts().sort_index().items()}
@@ -219,3 +271,15 @@ def summarize(plan: pd.DataFrame, per_class: dict[str, int], cfg: AugmentConfig)
         "keep_original": cfg.keep_original,
         "image_size": cfg.image_size,
     }
+    if cfg.balance and cfg.balance_sites:
+        train = plan[plan["split"] == "train"]
+        del out["copies_per_class"]
+        out["copies_per_site"] = {
+            str(site): {str(c): int(k) for c, k in g.groupby("label")["copy"].max().sort_index().items()}
+            for site, g in train.groupby("source_site")
+        }
+        out["train_per_site"] = {
+            str(site): {str(c): int(n) for c, n in g["label"].value_counts().sort_index().items()}
+            for site, g in train.groupby("source_site")
+        }
+    return out
