@@ -94,13 +94,22 @@ def test_copies_per_site_shares_each_class_among_its_sites():
              ("c", "bcc"): 0}
     assert copies_per_site(cells, cfg) == {("a", "nv"): 1, ("b", "nv"): 5, ("b", "mel"): 4, ("a", "df"): 8,
                                            ("b", "df"): 8, ("c", "vasc"): 9}
-    # a big site's share may round to no copy (its pictures stay); capped at max_copies
+    # what a capped site cannot take goes to the others (water-filling), so the class keeps its
+    # images: nv 12 pictures x 3 images = 36; b and c take 4 each (1 + max_copies), a 28 / 10 -> 3
+    wf = {("a", "nv"): 10, ("b", "nv"): 1, ("c", "nv"): 1}
+    assert copies_per_site(wf, AugmentConfig(copies=2, max_copies=3, balance_sites=True)) == {
+        ("a", "nv"): 2, ("b", "nv"): 3, ("c", "nv"): 3}
+    # a big site keeps one image per picture: 184 images, b capped at 2 x 21, a 142 / 90 -> 2
     big = {("a", "nv"): 90, ("b", "nv"): 2}
     assert copies_per_site(big, AugmentConfig(copies=1, max_copies=20, balance_sites=True)) == {
-        ("a", "nv"): 0, ("b", "nv"): 20}
-    # without originals the copies are the images: at least 1 each
-    assert copies_per_site(big, AugmentConfig(copies=1, max_copies=20, balance_sites=True, keep_original=False)) == {
         ("a", "nv"): 1, ("b", "nv"): 20}
+    # the largest site's pictures may get no copy: 200 images, 66.7 per site -> 1.1 / 3.3 / 3.3
+    three = {("a", "nv"): 60, ("b", "nv"): 20, ("c", "nv"): 20}
+    assert copies_per_site(three, AugmentConfig(copies=1, max_copies=20, balance_sites=True)) == {
+        ("a", "nv"): 0, ("b", "nv"): 2, ("c", "nv"): 2}
+    # without originals the copies are the images (at least 1 each): 92 images, a needs 90 of them
+    assert copies_per_site(big, AugmentConfig(copies=1, max_copies=20, balance_sites=True, keep_original=False)) == {
+        ("a", "nv"): 1, ("b", "nv"): 1}
     assert copies_per_site({}, cfg) == {}
     with pytest.raises(ValueError, match="needs balance: true"):
         AugmentConfig(balance=False, balance_sites=True)

@@ -38,12 +38,11 @@ Design choices:
   images come mostly from one acquisition site (HAM10000: 83 % of the ``nv`` come from
   ``vidir_molemax``, which holds almost nothing else) teaches the network that site's look as the
   class -- the shortcut that reads a new clinic's ``nv`` as ``mel``. With it, the images the class
-  balancing gives a class are shared **equally among the sites** that have train images of it: a
-  picture of site ``s`` and class ``c`` gets ``T_c * n_c / (S_c * n_sc)`` images (``T_c`` = the
-  original plus ``k_c`` copies of the class balancing, ``n_c`` the class's train pictures, ``S_c``
-  its sites, ``n_sc`` its pictures at ``s``; round half up), so a big site's pictures may get no
-  copy and a small site's up to ``max_copies``; every picture stays in. With one site this is
-  exactly the class balancing above. Sites are the manifest's ``source_site``
+  balancing gives a class are shared **equally among the sites** that have train images of it,
+  as far as ``max_copies`` allows (water-filling): a big site's pictures
+  may get no copy, a small site's up to ``max_copies``, and what a capped site cannot take goes to
+  the others, so the class keeps its number of images; every picture stays in. With one site this
+  is exactly the class balancing above. Sites are the manifest's ``source_site``
   (:func:`copies_per_site`).
 * **Determinism.** Copy ``k`` of image ``id`` is transformed under a torch seed derived from
   ``sha256(seed, id, k)``, set in a forked RNG state, so bytes depend only on the seed, the image
@@ -93,27 +92,40 @@ def copies_per_class(train_counts: dict[str, int], cfg: AugmentConfig) -> dict[s
 
 
 def copies_per_site(train_counts: dict[tuple[str, str], int], cfg: AugmentConfig) -> dict[tuple[str, str], int]:
-    """Augmented copies per train image of each (site, class) cell under ``balance_sites`` (see the
-    module docstring). Class ``c`` keeps the images per picture of the class balancing,
-    ``T_c = o + k_c`` (``k_c`` of :func:`copies_per_class`, ``o`` = 1 with ``keep_original``), in
-    total, shared equally among its ``S_c`` sites: a picture of site ``s`` gets
-    ``T_c * n_c / (S_c * n_sc)`` images, rounded half up, i.e. that minus ``o`` copies, at least
-    ``1 - o`` (every picture stays in) and at most ``max_copies``. Cells with no train image are
-    left out; with one site the result is :func:`copies_per_class`'s."""
+    """Augmented copies per train picture of each (site, class) cell under ``balance_sites`` (see
+    the module docstring).
+
+    Class ``c`` keeps the number of images the class balancing gives it, ``B_c = (o + k_c) * n_c``
+    (``k_c`` of :func:`copies_per_class`, ``o`` = 1 with ``keep_original``, ``n_c`` its train
+    pictures), shared among its sites by water-filling: a picture of site ``s`` gets
+    ``clip(share / n_sc, 1, o + max_copies)`` images, with the one ``share`` per site for which
+    the class total is ``B_c`` (found by bisection; a site too small to take its share is capped
+    and the rest goes to the others, a site too big keeps one image per picture), rounded half up;
+    copies = images - ``o``. Every picture stays in. Cells with no train image are left out; with
+    one site the result is :func:`copies_per_class`'s."""
     present = {cell: n for cell, n in train_counts.items() if n > 0}
     if not present:
         return {}
-    n_class: dict[str, int] = {}
-    sites: dict[str, int] = {}
-    for (_, c), n in present.items():
-        n_class[c] = n_class.get(c, 0) + n
-        sites[c] = sites.get(c, 0) + 1
-    per_class = copies_per_class(n_class, cfg)
-    o = 1 if cfg.keep_original else 0
-    out: dict[tuple[str, str], int] = {}
+    by_class: dict[str, dict[str, int]] = {}
     for (site, c), n in present.items():
-        images = (o + per_class[c]) * n_class[c] / (sites[c] * n)
-        out[(site, c)] = min(cfg.max_copies, max(1 - o, int(math.floor(images + 0.5)) - o))
+        by_class.setdefault(c, {})[site] = n
+    per_class = copies_per_class({c: sum(cells.values()) for c, cells in by_class.items()}, cfg)
+    o = 1 if cfg.keep_original else 0
+    lo, hi = 1.0, float(o + cfg.max_copies)
+    out: dict[tuple[str, str], int] = {}
+    for c, cells in by_class.items():
+        budget = float((o + per_class[c]) * sum(cells.values()))
+
+        def total(share: float, cells: dict[str, int] = cells) -> float:
+            return sum(n * min(hi, max(lo, share / n)) for n in cells.values())
+
+        a, b = 0.0, budget
+        for _ in range(100):  # total() is non-decreasing in share: bisection
+            mid = (a + b) / 2
+            a, b = (mid, b) if total(mid) < budget else (a, mid)
+        for site, n in cells.items():
+            images = min(hi, max(lo, b / n))
+            out[(site, c)] = int(math.floor(round(images, 6) + 0.5)) - o
     return out
 
 
