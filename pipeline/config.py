@@ -190,9 +190,10 @@ class AugmentConfig(_Section):
     # More copies for rarer classes: copies * (n_max / n_class), capped at max_copies.
     balance: bool = True
     max_copies: int = Field(8, ge=1, le=1000)
-    # With balance: each class's copy budget shared equally among the acquisition sites
-    # (manifest source_site) that have train images of it, so no site's look stands for a class
-    # (pipeline.core.augment.copies_per_site). Off = class balancing only.
+    # With balance: the images the class balancing gives each class shared equally among the
+    # acquisition sites (manifest source_site) that have train images of it, as far as max_copies
+    # allows, so no site's look stands for a class (pipeline.core.augment.copies_per_site).
+    # Off = class balancing only.
     balance_sites: bool = False
     hflip: float = Field(0.5, ge=0, le=1)
     vflip: float = Field(0.5, ge=0, le=1)

@@ -4,7 +4,8 @@ The facts are gathered at tracking time (:mod:`pipeline.io.provenance`) as MLflo
 dataset inputs; for a registered version, :func:`lineage_chain` assembles them into
 
     model version -> run -> code commit -> params (hash + key values) -> data digests per split
-    (and the ingest summary: near-duplicate joins of the split) -> validation result -> pair manifest -> Airflow run (when there was one)
+    (and the ingest summary: near-duplicate joins of the split) -> validation result -> pair manifest
+    -> Airflow run (when there was one)
 
 and :func:`format_chain` prints it (the ``lineage`` stage, :mod:`pipeline.stages.lineage`).
 """
