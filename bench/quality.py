@@ -61,8 +61,8 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
-    """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule and online
-    views (flips, ``train.online_*``) as the twin, on the twin's device and precision ``ds``
+    """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
+    views (flips, ``train.online_*``) and, for the twin's backbone, style mixing as the twin, on the twin's device and precision ``ds``
     (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
@@ -73,6 +73,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
     views = OnlineAugment.from_config(tc)  # the twin's online views (flips per sample, train.online_*)
+    if hasattr(model, "extractor"):  # the twin's backbone: the twin's style mixing too (train.mixstyle_*)
+        model.extractor.set_style_mixing(tc.mixstyle_p, tc.mixstyle_alpha)
     model.to(ds.device)
     if ds.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -323,6 +323,11 @@ class TrainConfig(_Section):
     online_scale: float = Field(0.0, ge=0, lt=1)
     online_translate: float = Field(0.0, ge=0, le=0.5)
     online_color: float = Field(0.0, ge=0, lt=1)
+    # MixStyle (pipeline.core.model.mix_styles): in training, with this probability per insertion
+    # point and batch, the early extractor features of each image take a Beta(mixstyle_alpha,
+    # mixstyle_alpha) mix of its own and another image's per-channel mean / std. 0 = off.
+    mixstyle_p: float = Field(0.0, ge=0, le=1)
+    mixstyle_alpha: float = Field(0.1, gt=0, le=100)
     # Threads for CPU training; 0 lets torch decide.
     cpu_threads: int = Field(0, ge=0, le=1024)
     # Threads decoding images into the image cache.

@@ -239,3 +239,97 @@ def test_random_affine_samples_where_affine_grid_says() -> None:
     ref = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="reflection",
                         align_corners=False)  # fmt: skip
     torch.testing.assert_close(random_affine(x, u, 120.0, 0.2, 0.1), ref, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# style mixing (train.mixstyle_*)
+# --------------------------------------------------------------------------------------------
+
+
+def test_mix_styles_moves_statistics_and_keeps_content() -> None:
+    from pipeline.core.model import mix_styles
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1) + torch.arange(4.0).view(4, 1, 1, 1)
+    perm = torch.tensor([1, 2, 3, 0])
+    same = mix_styles(x, torch.ones(4), perm)
+    torch.testing.assert_close(same, x, atol=1e-4, rtol=1e-4)  # lam 1: own statistics
+    moved = mix_styles(x, torch.zeros(4), perm)  # lam 0: the other image's statistics
+    torch.testing.assert_close(moved.mean(dim=(2, 3)), x[perm].mean(dim=(2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(moved.std(dim=(2, 3)), x[perm].std(dim=(2, 3)), atol=1e-3, rtol=1e-3)
+
+    def standardised(t: torch.Tensor) -> torch.Tensor:
+        return (t - t.mean(dim=(2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)
+
+    torch.testing.assert_close(standardised(moved), standardised(x), atol=1e-3, rtol=1e-3)  # content kept
+    half = mix_styles(x, torch.full((4,), 0.5), perm)
+    torch.testing.assert_close(half.mean(dim=(2, 3)), (x.mean(dim=(2, 3)) + x[perm].mean(dim=(2, 3))) / 2,
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert mix_styles(x.bfloat16(), torch.zeros(4), perm).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="shape"):
+        mix_styles(x, torch.zeros(3), perm)
+
+
+def test_style_mixing_acts_in_training_only_and_never_in_the_export() -> None:
+    from pipeline.config import ModelConfig
+    from pipeline.core.model import FeatureExtractor, build_twin, inference_model
+
+    cfg = ModelConfig()  # the default extractor has three rows: mixing after the first two
+    assert FeatureExtractor(cfg).mix_after == frozenset({0, 2})
+    torch.manual_seed(0)
+    ext = FeatureExtractor(cfg).train()
+    x = torch.rand(6, 3, 32, 32)
+    state = torch.get_rng_state()
+    off = ext(x)
+    assert torch.equal(torch.get_rng_state(), state)  # off: no draw, training unchanged
+    ext.set_style_mixing(1.0, 0.1)
+    on = ext(x)
+    assert not torch.equal(torch.get_rng_state(), state)
+    assert not torch.allclose(on, off)
+    torch.set_rng_state(state)
+    assert torch.equal(ext(x), on)  # seeded by the torch RNG
+    ext.eval()
+    ext.set_style_mixing(0.0)
+    plain_eval = ext(x)
+    ext.set_style_mixing(1.0)
+    assert torch.equal(ext(x), plain_eval)  # eval mode: never mixes
+    with pytest.raises(ValueError, match="probability"):
+        ext.set_style_mixing(1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        ext.set_style_mixing(0.5, 0.0)
+
+    twin = build_twin(cfg)
+    twin.extractor.set_style_mixing(0.5)
+    exported = inference_model(twin.train(), 1)
+    assert exported.extractor.style_mix_p == 0.0 and twin.extractor.style_mix_p == 0.5
+    assert not any("mix" in k for k in exported.state_dict())  # no parameters, no buffers
+
+
+def test_style_mixing_is_left_out_of_the_resume_digest_while_off(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.stages.train import train_digest
+
+    data = SimpleNamespace(digest="d", image_size=32)
+
+    def digest(**extra: object) -> str:
+        return train_digest(tiny_cfg(tmp_path, **extra), data, 1)  # type: ignore[arg-type]
+
+    assert digest() == digest(**{"train.mixstyle_alpha": 0.3})  # off: alpha means nothing
+    assert digest(**{"train.mixstyle_p": 0.5}) != digest()
+    assert digest(**{"train.mixstyle_p": 0.5}) != digest(**{"train.mixstyle_p": 0.5, "train.mixstyle_alpha": 0.3})
+
+
+def test_style_mixing_changes_training_and_resumes_bit_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.stages.train import run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.mixstyle_p": 0.5}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = make_work(tmp_path / "plain")
+    run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
+    c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())

@@ -35,6 +35,18 @@ Design choices, and how they relate to the patent:
   order-dependent rule, and the pair generator's positive pairs are built by a swap, i.e. they
   appear in both orders. ``|a-b|`` measures distance, ``a*b`` agreement of active channels.
   Output: 2 logits, index 1 = "same class".
+* **Style mixing (MixStyle, Zhou et al., ICLR 2021; ``train.mixstyle_p``, off by default)**: a
+  training-time regulariser for images from new clinics and devices, not a layer of the model.
+  Early CNN feature statistics (per-image, per-channel mean and standard deviation) carry the
+  picture's "style" (illumination, colour cast, optics), the deeper ones its content. In training,
+  with probability ``p`` per insertion point and batch, each image's early features are re-styled
+  with a Beta(alpha, alpha) mix of its own statistics and those of another image of the batch
+  (random permutation over both halves of the pair batch), so the network cannot key a class to
+  one site's look. Insertion points: after each ``model.extractor`` row except the last (the
+  paper's "after the first stages, not the last"). No parameters, no buffers, identity in eval
+  mode: the exported inference model, CAM and the parameter count are unchanged, and
+  :func:`inference_model` switches it off in its copy. The draws come from the global torch RNG
+  (checkpointed with the rest), so resume stays bit-identical.
 * Weights: kaiming-normal for convs (fan_out; per-group fan_in for depthwise convs), BN gamma 1 /
   beta 0, except the BN after the
   projection conv of residual blocks, whose gamma starts at 0 so each residual block starts as
@@ -47,6 +59,7 @@ import copy
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -131,17 +144,64 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.project_bn.weight)
 
 
+def mix_styles(x: Tensor, lam: Tensor, perm: Tensor, eps: float = 1e-6) -> Tensor:
+    """MixStyle: ``x`` (N, C, H, W) normalised per image and channel, then re-scaled with the mixed
+    statistics ``lam * own + (1 - lam) * those of image perm[i]``; ``lam`` (N,) in [0, 1].
+
+    The statistics are detached (as in the paper): the gradient flows through the normalised content
+    only. Computed in float32 whatever the autocast dtype, returned in ``x``'s dtype.
+    """
+    if lam.shape != (x.shape[0],) or perm.shape != (x.shape[0],):
+        raise ValueError(f"lam and perm need shape ({x.shape[0]},), got {tuple(lam.shape)} and {tuple(perm.shape)}")
+    xf = x.float()
+    mu = xf.mean(dim=(2, 3), keepdim=True).detach()
+    sig = (xf.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+    w = lam.to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    perm = perm.to(x.device)
+    mixed_mu = w * mu + (1 - w) * mu[perm]
+    mixed_sig = w * sig + (1 - w) * sig[perm]
+    return ((xf - mu) / sig * mixed_sig + mixed_mu).to(x.dtype)
+
+
 class FeatureExtractor(nn.Module):
-    """Stem (3x3 conv, stride 2, BN, ReLU6) + ``cfg.extractor`` inverted-residual stages."""
+    """Stem (3x3 conv, stride 2, BN, ReLU6) + ``cfg.extractor`` inverted-residual stages.
+
+    Style mixing (see the module docstring) is off until :meth:`set_style_mixing` turns it on; it
+    acts in training mode only, after the last block of every extractor row but the last.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.stem = _conv_bn(3, cfg.stem_channels, 3, stride=2)
         self.stages, self.out_channels = _stages(cfg.stem_channels, cfg.extractor)
+        ends = np.cumsum([int(row[2]) for row in cfg.extractor]) - 1
+        self.mix_after: frozenset[int] = frozenset(int(i) for i in ends[:-1])
+        self.style_mix_p = 0.0
+        self.style_mix_alpha = 0.1
         _init_weights(self)
 
+    def set_style_mixing(self, p: float, alpha: float = 0.1) -> None:
+        """Mix early feature statistics with probability ``p`` per insertion point (0 = off)."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"style mixing probability must be in [0, 1], got {p}")
+        if alpha <= 0:
+            raise ValueError(f"style mixing alpha must be > 0, got {alpha}")
+        self.style_mix_p = float(p)
+        self.style_mix_alpha = float(alpha)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))
+        x = self.stem(x)
+        if not (self.training and self.style_mix_p > 0 and self.mix_after):
+            return self.stages(x)
+        concentration = torch.tensor(self.style_mix_alpha)
+        beta = torch.distributions.Beta(concentration, concentration)
+        for i, block in enumerate(self.stages):
+            x = block(x)
+            # draws on the CPU generator (checkpointed), one coin per insertion point and batch
+            if i in self.mix_after and float(torch.rand(())) < self.style_mix_p:
+                n = x.shape[0]
+                x = mix_styles(x, beta.sample((n,)), torch.randperm(n))
+        return x
 
 
 class Branch(nn.Module):
@@ -267,6 +327,7 @@ def inference_model(twin: TwinNet, branch_index: int) -> InferenceModel:
     if branch_index not in (0, 1):
         raise ValueError(f"branch_index must be 0 or 1, got {branch_index}")
     model = InferenceModel(copy.deepcopy(twin.extractor), copy.deepcopy(twin.branches[branch_index]))
+    model.extractor.set_style_mixing(0.0)  # a training regulariser of the twin, never of the exported model
     return model.train(twin.training)
 
 

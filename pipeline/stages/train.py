@@ -30,6 +30,9 @@ pieces of :mod:`pipeline.core.training` (design choices there).
   weights (:func:`pipeline.core.training.build_ema`, updated every optimizer step, kept in
   ``last.pt``) is what is validated: the lowest-loss state, and therefore the branch choice and
   the export, are the EMA weights. Both are left out of the resume digest while off.
+* **Style mixing.** ``train.mixstyle_p`` > 0 turns on MixStyle in the twin's shared extractor
+  (:func:`pipeline.core.model.mix_styles`; training mode only, so validation and the export never
+  mix). Left out of the resume digest while off.
 """
 
 from __future__ import annotations
@@ -207,6 +210,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     # knobs added later are left out while off, so checkpoints written before them stay resumable
     if tc.get("ema_decay") is None:
         tc.pop("ema_decay", None)
+    if tc.get("mixstyle_p") == 0.0:
+        tc.pop("mixstyle_p", None)
+        tc.pop("mixstyle_alpha", None)
     if loss.get("label_smoothing") == 0.0:
         loss.pop("label_smoothing", None)
     payload = {
@@ -247,6 +253,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
 
     seed_everything(cfg.seed)
     twin = build_twin(cfg.model, NUM_CLASSES)
+    twin.extractor.set_style_mixing(tc.mixstyle_p, tc.mixstyle_alpha)
     params_train = count_parameters(twin)
     params_inference = count_parameters(inference_model(twin, 0))
     twin.to(ds.device)
