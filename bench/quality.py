@@ -62,8 +62,8 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
-    views (flips, ``train.online_*``) and, for the twin's backbone, style mixing as the twin, on the twin's device and precision ``ds``
-    (:func:`pipeline.io.compute.resolve_device`)."""
+    views (flips, ``train.online_*``) and, for the twin's backbone, style mixing (``train.mixstyle_*``)
+    as the twin, on the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 
