@@ -250,7 +250,8 @@ def test_mix_styles_moves_statistics_and_keeps_content() -> None:
     from pipeline.core.model import mix_styles
 
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 8, 8) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1) + torch.arange(4.0).view(4, 1, 1, 1)
+    scale, shift = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1), torch.arange(4.0).view(4, 1, 1, 1)
+    x = torch.randn(4, 3, 8, 8) * scale + shift
     perm = torch.tensor([1, 2, 3, 0])
     same = mix_styles(x, torch.ones(4), perm)
     torch.testing.assert_close(same, x, atol=1e-4, rtol=1e-4)  # lam 1: own statistics
