@@ -56,10 +56,10 @@ Design choices, and how they relate to the patent:
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -174,8 +174,8 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.stem = _conv_bn(3, cfg.stem_channels, 3, stride=2)
         self.stages, self.out_channels = _stages(cfg.stem_channels, cfg.extractor)
-        ends = np.cumsum([int(row[2]) for row in cfg.extractor]) - 1
-        self.mix_after: frozenset[int] = frozenset(int(i) for i in ends[:-1])
+        ends = list(itertools.accumulate(int(row[2]) for row in cfg.extractor))  # blocks up to each row's end
+        self.mix_after: frozenset[int] = frozenset(end - 1 for end in ends[:-1])
         self.style_mix_p = 0.0
         self.style_mix_alpha = 0.1
         _init_weights(self)
