@@ -62,12 +62,14 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
-    views (flips, ``train.online_*``) and, for the twin's backbone, style mixing (``train.mixstyle_*``)
-    as the twin, on the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`)."""
+    views (flips, ``train.online_*``), weight averaging (``train.swa_start``: from then on the
+    average is validated and kept, as for the twin) and, for the twin's backbone, style mixing
+    (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
+    (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.core.training import OnlineAugment, build_optimizer, lr_factor
+    from pipeline.core.training import OnlineAugment, build_optimizer, build_swa, lr_factor, swa_active
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -79,6 +81,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     if ds.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), tc)
+    swa = build_swa(model) if tc.swa_start is not None else None
     scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
     bs = tc.batch_size
     steps_per_epoch = max(1, len(x_train) // bs)
@@ -101,12 +104,16 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
             scaler.step(opt)
             scaler.update()
             step += 1
-        model.eval()
-        val_loss = F.cross_entropy(_logits(model, xv, ds), yv).item()
+        judged = model
+        if swa is not None and swa_active(epoch + 1, tc.swa_start):
+            swa.update_parameters(model)
+            judged = swa.module
+        judged.eval()
+        val_loss = F.cross_entropy(_logits(judged, xv, ds), yv).item()
         history.append({"epoch": epoch + 1, "val_loss": val_loss})
         print(f"    epoch {epoch + 1}: val_loss {val_loss:.4f}", flush=True)
         if val_loss < best_loss:
-            best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
+            best_loss, best_state = val_loss, copy.deepcopy(judged.state_dict())
     model.load_state_dict(best_state)
     return model.eval(), history
 

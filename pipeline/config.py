@@ -336,6 +336,10 @@ class TrainConfig(_Section):
     # Exponential moving average of the weights (e.g. 0.999 per optimizer step); null = off. When
     # on, validation (and so the lowest-loss state and the exported branch) uses the EMA weights.
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Stochastic weight averaging (SWA): from the end of this epoch (1-based) on, the uniform mean of
+    # the weights and batch-norm buffers at the end of each epoch; from then on that mean is what is
+    # validated (and so the lowest-loss state and the exported branch). null = off; not with ema_decay.
+    swa_start: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> "TrainConfig":
@@ -347,6 +351,10 @@ class TrainConfig(_Section):
             raise ValueError("warmup_epochs: onecycle has its own warm-up; set warmup_epochs to 0")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.swa_start is not None and self.swa_start > self.epochs:
+            raise ValueError(f"swa_start: must be <= epochs ({self.epochs}), got {self.swa_start}")
+        if self.swa_start is not None and self.ema_decay is not None:
+            raise ValueError("swa_start: weight averaging and ema_decay are exclusive; set one of them to null")
         return self
 
 

@@ -223,3 +223,43 @@ def test_isic_only_without_the_extra_source_runs_nothing(tmp_path: Path, capsys)
     assert quality.main(args) == 0
     assert "--isic-only skipped" in capsys.readouterr().out
     assert not out.exists() and not (tmp_path / "work").exists()
+
+
+def test_baseline_with_weight_averaging_keeps_the_lowest_loss_average(monkeypatch):
+    """``train.swa_start``: the baselines validate and keep the running mean of their epoch states, as the twin."""
+    import torch
+
+    import pipeline.core.training as training
+    from pipeline.config import load_config
+    from pipeline.core.model import build_inference
+    from pipeline.io.compute import resolve_device
+
+    snapshots: list[dict] = []
+    real = training.build_swa
+
+    def recording(model):
+        swa = real(model)
+        update = swa.update_parameters
+
+        def update_and_record(m):
+            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+            update(m)
+
+        swa.update_parameters = update_and_record
+        return swa
+
+    monkeypatch.setattr(training, "build_swa", recording)
+    cfg = load_config(ROOT / "params.yaml", {"train.epochs": 3, "train.swa_start": 1, "train.batch_size": 8,
+                                             "train.cpu_threads": 1, "train.channels_last": False})
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 3, 32, 32), dtype=np.uint8)
+    y = np.arange(24) % len(CLASSES)
+    model, history = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0,
+                                             resolve_device(cfg.train))
+    assert len(snapshots) == 3  # every epoch from swa_start = 1
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
+    used = snapshots[:best_epoch]  # the kept state is the average up to the lowest-loss epoch
+    assert not torch.equal(snapshots[0]["extractor.stem.0.weight"], snapshots[-1]["extractor.stem.0.weight"])
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(s[k] for s in used) / len(used))

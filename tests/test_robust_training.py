@@ -334,3 +334,92 @@ def test_style_mixing_changes_training_and_resumes_bit_identically(tmp_path: Pat
     run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
     c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+# --------------------------------------------------------------------------------------------
+# weight averaging (train.swa_start)
+# --------------------------------------------------------------------------------------------
+
+
+def test_swa_is_the_uniform_mean_of_weights_and_batch_norm_buffers() -> None:
+    from pipeline.core.training import build_swa, swa_active
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    swa = build_swa(net)
+    for value in (1.0, 2.0, 6.0):
+        torch.nn.init.constant_(net[0].weight, value)
+        net[1].running_mean.fill_(-value)
+        swa.update_parameters(net)
+    torch.testing.assert_close(swa.module[0].weight, torch.full((2, 2), 3.0))
+    torch.testing.assert_close(swa.module[1].running_mean, torch.full((2,), -3.0))
+    assert int(swa.n_averaged) == 3
+    assert [swa_active(e, 3) for e in (1, 2, 3, 4)] == [False, False, True, True]
+    assert not swa_active(5, None)
+
+
+def test_swa_start_is_checked_against_epochs_and_ema(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="swa_start: must be <= epochs"):
+        tiny_cfg(tmp_path, **{"train.epochs": 2, "train.swa_start": 3})
+    with pytest.raises(Exception, match="swa_start: weight averaging and ema_decay are exclusive"):
+        tiny_cfg(tmp_path, **{"train.swa_start": 1, "train.ema_decay": 0.9})
+    with pytest.raises(Exception, match="swa_start"):
+        tiny_cfg(tmp_path, **{"train.swa_start": 0})
+
+
+def test_swa_digest_is_unchanged_while_off(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.stages.train import train_digest
+
+    data = SimpleNamespace(digest="d", image_size=32)
+
+    def digest(**extra: object) -> str:
+        return train_digest(tiny_cfg(tmp_path, **extra), data, 1)  # type: ignore[arg-type]
+
+    assert digest(**{"train.swa_start": 1}) != digest() != digest(**{"train.swa_start": 2})
+    base = tiny_cfg(tmp_path).train.model_dump(mode="json")
+    assert base["swa_start"] is None  # off by default, and the default digest does not name it
+
+
+def test_swa_averages_epoch_states_keeps_the_lowest_loss_one_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from pipeline.stages.select import run_select
+    from pipeline.stages.train import run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.swa_start": 2}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    shutil.copy(killed.train_dir / "last.pt", tmp_path / "epoch1.pt")
+    # epoch-by-epoch raw states of the uninterrupted run's twin: stop a third copy after epoch 2
+    two = make_work(tmp_path / "two")
+    from pipeline.stages.train import STOP_ENV, TrainingStopped
+
+    monkeypatch.setenv(STOP_ENV, "2")
+    with pytest.raises(TrainingStopped):
+        run_train(tiny_cfg(tmp_path / "two", **extra))
+    monkeypatch.delenv(STOP_ENV)
+    e1 = torch.load(tmp_path / "epoch1.pt", map_location="cpu", weights_only=True)
+    e2 = torch.load(two.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert "swa" in e1 and int(e1["swa"]["n_averaged"]) == 0  # epoch 1 < swa_start: nothing averaged yet
+    torch.testing.assert_close({k.removeprefix("module."): v for k, v in e2["swa"].items() if k.startswith("module.")},
+                               e2["model"])  # epoch 2: the first snapshot is the average
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    e3 = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    avg = {k.removeprefix("module."): v for k, v in e3["swa"].items() if k.startswith("module.")}
+    assert int(e3["swa"]["n_averaged"]) == 2
+    for k, v in e3["model"].items():  # the mean of the raw states after epochs 2 and 3
+        if v.is_floating_point():
+            torch.testing.assert_close(avg[k], (e2["model"][k] + v) / 2)
+    resumed = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "swa"):
+        assert all(torch.equal(e3[key][k], resumed[key][k]) for k in e3[key]), key
+    best = torch.load(full.train_dir / "best.pt", map_location="cpu", weights_only=True)
+    history = pd.read_csv(full.train_dir / "history.csv")
+    assert best["epoch"] == int(history.loc[history["val_loss_total"].idxmin(), "epoch"])
+    expected = {1: e1["model"], 2: e2["model"], 3: avg}[best["epoch"]]  # raw before swa_start, averaged after
+    for k, v in best["model"].items():
+        torch.testing.assert_close(v, expected[k])
+    shutil.rmtree(full.export_dir, ignore_errors=True)
+    assert run_select(tiny_cfg(tmp_path / "full", **extra))["best_epoch"] == best["epoch"]

@@ -33,6 +33,12 @@ pieces of :mod:`pipeline.core.training` (design choices there).
 * **Style mixing.** ``train.mixstyle_p`` > 0 turns on MixStyle in the twin's shared extractor
   (:func:`pipeline.core.model.mix_styles`; training mode only, so validation and the export never
   mix). Left out of the resume digest while off.
+* **Weight averaging (SWA).** With ``train.swa_start`` the weights and batch-norm buffers at the
+  end of each epoch from that epoch on are averaged uniformly
+  (:func:`pipeline.core.training.build_swa`, kept in ``last.pt``); from then on the average is
+  what is validated, so the patent's lowest-loss state is the lowest-loss of the raw states
+  before ``swa_start`` and the averages after it, and the branch choice and the export follow.
+  Left out of the resume digest while off.
 """
 
 from __future__ import annotations
@@ -64,12 +70,14 @@ from pipeline.core.training import (
     build_ema,
     build_optimizer,
     build_scheduler,
+    build_swa,
     cpu_state,
     epoch_batches,
     iter_batches,
     rng_state,
     seed_everything,
     set_rng_state,
+    swa_active,
     train_epoch,
     validate,
     validation_pairs,
@@ -208,8 +216,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     tc = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NON_SEMANTIC_TRAIN_KEYS}
     loss = cfg.loss.model_dump(mode="json")
     # knobs added later are left out while off, so checkpoints written before them stay resumable
-    if tc.get("ema_decay") is None:
-        tc.pop("ema_decay", None)
+    for key in ("ema_decay", "swa_start"):
+        if tc.get(key) is None:
+            tc.pop(key, None)
     if tc.get("mixstyle_p") == 0.0:
         tc.pop("mixstyle_p", None)
         tc.pop("mixstyle_alpha", None)
@@ -275,6 +284,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + dist.rank)
 
     ema = build_ema(twin, tc.ema_decay) if tc.ema_decay is not None else None
+    swa = build_swa(twin) if tc.swa_start is not None else None
     history: list[dict[str, float]] = []
     best: dict[str, Any] | None = None
     start_epoch = 0
@@ -292,6 +302,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema"):
             ema.load_state_dict(ckpt["ema"])
+        if swa is not None and ckpt.get("swa"):
+            swa.load_state_dict(ckpt["swa"])
         rng = ckpt["rng"]
         if len(rng) == dist.world:
             set_rng_state(rng[dist.rank], gen)
@@ -337,9 +349,13 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         reduced = dist.all_reduce_sum([sums[k] for k in keys] + [n_seen], ds.device)
         train_means = {k: v / max(reduced[-1], 1.0) for k, v in zip(keys, reduced[:-1], strict=True)}
         dist.broadcast_buffers(twin)  # same batch-norm statistics on every rank before validating
-        # with EMA the averaged weights are validated, kept as the lowest-loss state and exported
+        # with EMA, or SWA from swa_start on, the averaged weights are validated, kept as the
+        # lowest-loss state and exported
         judged = twin if ema is None else ema.module
-        if ema is not None:
+        if swa is not None and swa_active(epoch + 1, tc.swa_start):
+            swa.update_parameters(twin)
+            judged = swa.module
+        if judged is not twin:
             dist.broadcast_buffers(judged)
         val = validate(
             judged, data, cfg.loss, val_batch, ds, alpha, dist.rank, dist.world,
@@ -374,6 +390,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                     "history": history,
                     "best": best,
                     **({"ema": cpu_state(ema)} if ema is not None else {}),
+                    **({"swa": cpu_state(swa)} if swa is not None else {}),
                 },
             )
             _write_history(layout.train_dir, history)
