@@ -31,7 +31,7 @@ an earlier run without ISIC.
 The config is ``--params`` (default ``params-real.yaml``, the real-data config) with the data,
 split and work folder set per run; ``--set key=value`` changes any knob for a trial.
 ``--quick`` is a smoke run (few epochs, small images, a stratified subsample of the manifest and
-of the external set). Results: tables on stdout and ``bench/results/quality.json``, rewritten
+of the external set; the recipe's weight averaging, if any, from the first epoch). Results: tables on stdout and ``bench/results/quality.json``, rewritten
 after every finished model (a run stopped by a time limit keeps what it finished). Targets for the
 twin model (issue 12): BA ≥ 0.72 on the random split; report the source-held-out and external
 figures next to it.
@@ -544,12 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     if not train_sets:
         return 0
 
+    quick = dict(QUICK_OVERRIDES)
+    if ns.quick and load_config(ns.params).train.swa_start is not None:
+        quick["train.swa_start"] = 1  # the recipe's weight averaging, from the first of the few quick epochs
     runs, overrides_used = [], {}
     for train_name, extra in train_sets:
         for split in splits:
             overrides = dict(BENCH_RUN_OVERRIDES)
             if ns.quick:
-                overrides.update(QUICK_OVERRIDES)
+                overrides.update(quick)
             overrides.update(data_overrides(data, extra))
             overrides.update(split_overrides(split, holdout))
             overrides["paths.work_dir"] = str(Path(ns.work) / f"{train_name}-{split}")
