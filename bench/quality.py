@@ -31,10 +31,10 @@ an earlier run without ISIC.
 The config is ``--params`` (default ``params-real.yaml``, the real-data config) with the data,
 split and work folder set per run; ``--set key=value`` changes any knob for a trial.
 ``--quick`` is a smoke run (few epochs, small images, a stratified subsample of the manifest and
-of the external set; the recipe's weight averaging, if any, from the first epoch). Results: tables on stdout and ``bench/results/quality.json``, rewritten
-after every finished model (a run stopped by a time limit keeps what it finished). Targets for the
-twin model (issue 12): BA ≥ 0.72 on the random split; report the source-held-out and external
-figures next to it.
+of the external set; the recipe's weight averaging, if any, from the first epoch). Results:
+tables on stdout and ``bench/results/quality.json``, rewritten after every finished model (a
+run stopped by a time limit keeps what it finished). Targets for the twin model (issue 12):
+BA ≥ 0.72 on the random split; report the source-held-out and external figures next to it.
 """
 
 from __future__ import annotations
