@@ -3,6 +3,7 @@ the augmentation knobs, label smoothing and EMA of the weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -355,6 +356,41 @@ def test_swa_is_the_uniform_mean_of_weights_and_batch_norm_buffers() -> None:
     assert int(swa.n_averaged) == 3
     assert [swa_active(e, 3) for e in (1, 2, 3, 4)] == [False, False, True, True]
     assert not swa_active(5, None)
+
+
+def test_swa_updates_batch_norm_counters_where_torch_fuses_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA torch's default SWA update is a fused (foreach) one whose integer branch fails on
+    ``num_batches_tracked`` (seen on an H200, torch 2.11). Telling torch that CPU has foreach
+    kernels puts this CPU test on that path: the averaged twin must still update, with the same
+    values as the per-tensor path."""
+    import torch.optim.swa_utils as swa_utils
+
+    from pipeline.core.training import build_swa
+
+    def snapshots(net: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        swa, out = build_swa(net), []
+        for _ in range(3):
+            net.train()
+            net(torch.randn(8, 3, 4, 4))  # moves running stats and num_batches_tracked
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(1.0)
+            swa.update_parameters(net)
+            out.append({k: v.clone() for k, v in swa.module.state_dict().items()})
+        return out
+
+    torch.manual_seed(1)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+    per_tensor = snapshots(copy.deepcopy(base))
+    monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices", lambda: ["cpu", "cuda"])
+    fused_path = snapshots(copy.deepcopy(base))
+    for a, b in zip(per_tensor, fused_path, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # the counters 1, 2, 3 keep the truncated running mean, as on CPU: 1, 1 + 1/2 -> 1, 1 + 2/3 -> 1
+    assert [int(s["1.num_batches_tracked"]) for s in fused_path] == [1, 1, 1]
 
 
 def test_swa_start_is_checked_against_epochs_and_ema(tmp_path: Path) -> None:

@@ -450,10 +450,16 @@ def build_swa(model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel:
     benchmark measured, bench/README.md trials 20-23); the schedule is left as configured (cosine), not switched
     to a constant SWA learning rate; batch-norm statistics are the mean of the snapshots' running
     statistics rather than recomputed by an extra pass over the training pairs, so the averaged
-    model is ready after each epoch at no extra cost."""
-    from torch.optim.swa_utils import AveragedModel
+    model is ready after each epoch at no extra cost.
 
-    return AveragedModel(model, use_buffers=True)
+    The running mean is torch's per-tensor SWA update, ``avg + (new - avg) / (n + 1)``, on every
+    device: torch's default on CUDA is a fused (foreach) update whose integer branch fails on the
+    batch-norm counters (``num_batches_tracked``: "Integer division with addcdiv is no longer
+    supported", torch 2.11 on an H200), and on CPU torch already takes this per-tensor path, so CPU
+    results are unchanged. Integer buffers keep the truncated mean, as on CPU before."""
+    from torch.optim.swa_utils import AveragedModel, get_swa_avg_fn
+
+    return AveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=True)
 
 
 def swa_active(epoch: int, swa_start: int | None) -> bool:
