@@ -426,6 +426,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         ext_x = load_images(external, external.attrs["root"], size, cfg, name="bench_external")
         ext_y = external["label"].map(CLASS_TO_INDEX).to_numpy()
     metrics = json.loads(layout.metrics.read_text())
+    best = json.loads((layout.train_dir / "best.json").read_text())
     twin_probs = predict_batch_uint8(exported, x_te, cfg.evaluate.batch_size)
     twin_ext = ext_probs = None
     if ext_x is not None:
@@ -440,7 +441,9 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         "external": twin_ext, "rules": rules,
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
-        "device": json.loads((layout.train_dir / "best.json").read_text())["device"],
+        "device": best["device"], "best_epoch": best["epoch"],
+        # every epoch's losses and seconds: a run stopped later still says how its twin trained
+        "history": json.loads((layout.train_dir / "history.json").read_text()),
     }}  # fmt: skip
     run = {"split": split, "train_data": train_data, "holdout_sources": list(cfg.data.split.holdout_sources),
            "test_images": len(test), "models": models}  # fmt: skip

@@ -175,7 +175,7 @@ def test_a_run_stopped_in_the_baselines_keeps_the_twin(tmp_path: Path, monkeypat
 
     write_dataset(tmp_path / "ham", SyntheticConfig(images_per_class=6, image_size=40), seed=1)
     out = tmp_path / "quality.json"
-    tiny = ["pairs.epochs=1", "train.epochs=1", "pairs.batch_size=16", "train.batch_size=16", "validate.workers=1",
+    tiny = ["pairs.epochs=2", "train.epochs=2", "pairs.batch_size=16", "train.batch_size=16", "validate.workers=1",
             "augment.workers=1", "augment.image_size=32", "train.cache_workers=1", "evaluate.cache_workers=1",
             "augment.max_copies=2", "train.device=cpu", "train.channels_last=false"]
     calls = []
@@ -192,8 +192,13 @@ def test_a_run_stopped_in_the_baselines_keeps_the_twin(tmp_path: Path, monkeypat
     res = json.loads(out.read_text())
     assert [r["split"] for r in res["runs"]] == ["random"]
     assert set(res["runs"][0]["models"]) == {"twin"}
-    assert res["runs"][0]["models"]["twin"]["device"] == "cpu fp32"
+    twin = res["runs"][0]["models"]["twin"]
+    assert twin["device"] == "cpu fp32"
     assert calls and calls[0].describe() == "cpu fp32"
+    # how the twin trained travels with it: every epoch's losses and the lowest-loss epoch kept
+    history = json.loads((tmp_path / "work" / "ham10000-random" / "models" / "train" / "history.json").read_text())
+    assert twin["history"] == history and [h["epoch"] for h in history] == [1, 2]
+    assert twin["best_epoch"] == min(history, key=lambda h: h["val_loss_total"])["epoch"]
 
 
 def test_training_sets_with_and_without_the_extra_source(tmp_path: Path):
