@@ -417,6 +417,31 @@ def test_swa_digest_is_unchanged_while_off(tmp_path: Path) -> None:
     assert base["swa_start"] is None  # off by default, and the default digest does not name it
 
 
+def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint written before a knob existed must stay resumable while the knob is off: the
+    digest with the knob off equals the digest of the same config without the key at all (what the
+    code before it hashed)."""
+    from types import SimpleNamespace
+
+    from pipeline.config import LossConfig, TrainConfig
+    from pipeline.stages.train import train_digest
+
+    data = SimpleNamespace(digest="d", image_size=32)
+    cfg = tiny_cfg(tmp_path)
+    today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
+    later = {TrainConfig: ("ema_decay", "swa_start", "mixstyle_p", "mixstyle_alpha"), LossConfig: ("label_smoothing",)}
+    for cls, keys in later.items():
+        dump = cls.model_dump
+
+        def older(self: object, _dump=dump, _keys=keys, **kw: object) -> dict:
+            return {k: v for k, v in _dump(self, **kw).items() if k not in _keys}
+
+        monkeypatch.setattr(cls, "model_dump", older)
+    assert train_digest(cfg, data, 1) == today  # type: ignore[arg-type]
+
+
 def test_swa_averages_epoch_states_keeps_the_lowest_loss_one_and_resumes_bit_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
