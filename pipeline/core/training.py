@@ -447,8 +447,8 @@ def build_swa(model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel:
 
     Choices where the method leaves room: snapshots per epoch, not per step (the dense variant of
     SWAD, Cha et al., NeurIPS 2021, averages every step; per epoch costs nothing and is what the
-    benchmark measured, bench/README.md trials 20-23); the schedule is left as configured (cosine), not switched
-    to a constant SWA learning rate; batch-norm statistics are the mean of the snapshots' running
+    benchmark measured, bench/README.md trials 20-27); the schedule is left as configured
+    (cosine), not switched to a constant SWA learning rate; batch-norm statistics are the mean of the snapshots' running
     statistics rather than recomputed by an extra pass over the training pairs, so the averaged
     model is ready after each epoch at no extra cost.
 
