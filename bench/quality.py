@@ -62,19 +62,21 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
-    views (flips, ``train.online_*``), weight averaging (``train.swa_start``: from then on the
-    average is validated and kept, as for the twin) and, for the twin's backbone, style mixing
+    views (flips, ``train.online_*``), mixup / CutMix (``train.mixup_alpha`` / ``cutmix_alpha``: the
+    loss is the same blend of the two images' losses), weight averaging (``train.swa_start``: from
+    then on the average is validated and kept, as for the twin) and, for the twin's backbone, style mixing
     (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
     (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.core.training import OnlineAugment, build_optimizer, build_swa, lr_factor, swa_active
+    from pipeline.core.training import BatchMix, OnlineAugment, build_optimizer, build_swa, lr_factor, swa_active
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
     views = OnlineAugment.from_config(tc)  # the twin's online views (flips per sample, train.online_*)
+    mixing = BatchMix.from_config(tc)  # the twin's mixup / CutMix (train.mixup_alpha, cutmix_alpha, mix_prob)
     if hasattr(model, "extractor"):  # the twin's backbone: the twin's style mixing too (train.mixstyle_*)
         model.extractor.set_style_mixing(tc.mixstyle_p, tc.mixstyle_alpha)
     model.to(ds.device)
@@ -94,11 +96,18 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
         order = torch.randperm(len(xt), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * bs : (b + 1) * bs]
-            x = views(xt[idx], gen, ds)
+            x, y = views(xt[idx], gen, ds), yt[idx].to(ds.device)
+            mix = mixing.draw(x.shape[0], (x.shape[-2], x.shape[-1]), gen)
+            if mix is not None:
+                x = mix.apply(x)
+                x = x.contiguous(memory_format=torch.channels_last) if ds.channels_last else x
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, 0, tc.schedule)
             with ds.autocast():
-                loss = F.cross_entropy(model(x).float(), yt[idx].to(ds.device))
+                logits = model(x).float()
+                loss = F.cross_entropy(logits, y)
+                if mix is not None and mix.lam < 1.0:
+                    loss = mix.lam * loss + (1.0 - mix.lam) * F.cross_entropy(logits, y[mix.perm.to(y.device)])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

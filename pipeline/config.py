@@ -328,6 +328,14 @@ class TrainConfig(_Section):
     # mixstyle_alpha) mix of its own and another image's per-channel mean / std. 0 = off.
     mixstyle_p: float = Field(0.0, ge=0, le=1)
     mixstyle_alpha: float = Field(0.1, gt=0, le=100)
+    # Mixup / CutMix of pair batches (pipeline.core.training.BatchMix): a batch is blended with a
+    # shuffled copy of itself, both images of each pair with the same weight lam ~ Beta(alpha, alpha)
+    # (mixup: whole images; CutMix: one box, lam = the area kept), and every loss term is the same
+    # blend of the two pairs' losses. 0 = off; both > 0: each mixed batch picks one at random.
+    mixup_alpha: float = Field(0.0, ge=0, le=100)
+    cutmix_alpha: float = Field(0.0, ge=0, le=100)
+    # Probability that a batch is mixed when mixup_alpha or cutmix_alpha is on.
+    mix_prob: float = Field(1.0, gt=0, le=1)
     # Threads for CPU training; 0 lets torch decide.
     cpu_threads: int = Field(0, ge=0, le=1024)
     # Threads decoding images into the image cache.

@@ -431,7 +431,10 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     data = SimpleNamespace(digest="d", image_size=32)
     cfg = tiny_cfg(tmp_path)
     today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
-    later = {TrainConfig: ("ema_decay", "swa_start", "mixstyle_p", "mixstyle_alpha"), LossConfig: ("label_smoothing",)}
+    later = {
+        TrainConfig: ("ema_decay", "swa_start", "mixstyle_p", "mixstyle_alpha", "mixup_alpha", "cutmix_alpha", "mix_prob"),
+        LossConfig: ("label_smoothing",),
+    }
     for cls, keys in later.items():
         dump = cls.model_dump
 
@@ -484,3 +487,116 @@ def test_swa_averages_epoch_states_keeps_the_lowest_loss_one_and_resumes_bit_ide
         torch.testing.assert_close(v, expected[k])
     shutil.rmtree(full.export_dir, ignore_errors=True)
     assert run_select(tiny_cfg(tmp_path / "full", **extra))["best_epoch"] == best["epoch"]
+
+
+# --------------------------------------------------------------------------------------------
+# mixup / CutMix (train.mixup_alpha, cutmix_alpha, mix_prob)
+# --------------------------------------------------------------------------------------------
+
+
+def test_mixup_blends_whole_images_and_cutmix_pastes_one_box_with_lam_the_area_kept() -> None:
+    from pipeline.core.training import BatchMix, MixDraw
+
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    perm = torch.tensor([1, 2, 3, 0])
+    mixed = MixDraw(0.25, perm).apply(x)
+    torch.testing.assert_close(mixed, 0.25 * x + 0.75 * x[perm])
+    cut = MixDraw(1 - 12 / 64, perm, (2, 1, 3, 4)).apply(x)
+    assert torch.equal(x, torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8))  # input untouched
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:5, 1:5] = True
+    assert torch.equal(cut[:, :, inside], x[perm][:, :, inside]) and torch.equal(cut[:, :, ~inside], x[:, :, ~inside])
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        d = BatchMix(cutmix_alpha=1.0).draw(4, (8, 6), gen)
+        assert d is not None and d.box is not None and sorted(d.perm.tolist()) == [0, 1, 2, 3]
+        top, left, h, w = d.box
+        assert 0 <= top and top + h <= 8 and 0 <= left and left + w <= 6 and h * w > 0
+        assert d.lam == pytest.approx(1 - h * w / 48)  # the targets follow the pixels
+        d = BatchMix(mixup_alpha=0.4).draw(4, (8, 6), gen)
+        assert d is not None and d.box is None and 0 <= d.lam <= 1
+    kinds = {BatchMix(mixup_alpha=0.2, cutmix_alpha=1.0).draw(4, (8, 8), gen).box is None for _ in range(40)}
+    assert kinds == {True, False}  # both on: each mixed batch picks one
+    unmixed = sum(BatchMix(mixup_alpha=0.2, prob=0.5).draw(4, (8, 8), gen) is None for _ in range(400))
+    assert 150 < unmixed < 250
+    state = gen.get_state()
+    assert BatchMix().draw(4, (8, 8), gen) is None and torch.equal(gen.get_state(), state)  # off: nothing drawn
+    a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    da, db = BatchMix(mixup_alpha=0.2).draw(6, (8, 8), a), BatchMix(mixup_alpha=0.2).draw(6, (8, 8), b)
+    assert da.lam == db.lam and torch.equal(da.perm, db.perm)  # seeded by the training generator
+
+
+def test_mixed_joint_loss_is_the_loss_against_soft_targets() -> None:
+    import torch.nn.functional as F
+
+    from pipeline.config import LossConfig
+    from pipeline.core.losses import joint_loss, mixed_joint_loss
+    from pipeline.core.model import TwinOutput
+
+    torch.manual_seed(0)
+    n = 6
+    out = TwinOutput(logits1=torch.randn(n, 7), logits2=torch.randn(n, 7), same_logits=torch.randn(n, 2),
+                     pooled1=torch.zeros(n, 4), pooled2=torch.zeros(n, 4))  # fmt: skip
+    y1, y2 = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 2, 2, 6, 4, 1])
+    perm = torch.tensor([3, 0, 5, 1, 2, 4])
+    lam = 0.3
+    cfg = LossConfig(gamma=0.0, C=0.7)
+    mixed = mixed_joint_loss(out, y1, y2, cfg, lam, perm)
+    soft1 = lam * F.one_hot(y1, 7) + (1 - lam) * F.one_hot(y1[perm], 7)
+    soft2 = lam * F.one_hot(y2, 7) + (1 - lam) * F.one_hot(y2[perm], 7)
+    same = (y1 == y2).float()
+    soft_same = lam * same + (1 - lam) * same[perm]
+    f1 = F.cross_entropy(out.logits1, soft1.float())
+    f2 = F.cross_entropy(out.logits2, soft2.float())
+    disc = F.cross_entropy(out.same_logits, torch.stack([1 - soft_same, soft_same], 1))
+    torch.testing.assert_close(mixed.focal1, f1)
+    torch.testing.assert_close(mixed.focal2, f2)
+    torch.testing.assert_close(mixed.disc, disc)
+    torch.testing.assert_close(mixed.total, f1 + f2 + 0.7 * disc)
+    focal = LossConfig(gamma=2.0)  # the focal terms: soft targets q, -sum_i q_i (1 - p_i)^gamma log p_i
+    logp = F.log_softmax(out.logits1, 1)
+    ref = -(soft1 * (1 - logp.exp()) ** 2 * logp).sum(1).mean()
+    torch.testing.assert_close(mixed_joint_loss(out, y1, y2, focal, lam, perm).focal1, ref)
+    plain = joint_loss(out, y1, y2, focal)
+    assert all(torch.equal(getattr(mixed_joint_loss(out, y1, y2, focal, 1.0, perm), k), getattr(plain, k))
+               for k in ("total", "focal1", "focal2", "disc"))  # fmt: skip
+
+
+def test_mixing_is_left_out_of_the_resume_digest_while_off(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.stages.train import train_digest
+
+    data = SimpleNamespace(digest="d", image_size=32)
+
+    def digest(**extra: object) -> str:
+        return train_digest(tiny_cfg(tmp_path, **extra), data, 1)  # type: ignore[arg-type]
+
+    assert digest() == digest(**{"train.mix_prob": 0.5})  # off: the probability means nothing
+    on = digest(**{"train.mixup_alpha": 0.2})
+    assert len({digest(), on, digest(**{"train.cutmix_alpha": 0.2}), digest(**{"train.mixup_alpha": 0.4}),
+                digest(**{"train.mixup_alpha": 0.2, "train.mix_prob": 0.5})}) == 5  # fmt: skip
+
+
+@pytest.mark.parametrize("knob", ["train.mixup_alpha", "train.cutmix_alpha"])
+def test_mixing_changes_training_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knob: str
+) -> None:
+    from pipeline.stages.select import run_select
+    from pipeline.stages.train import run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, knob: 1.0}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = make_work(tmp_path / "plain")
+    run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
+    c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    history = json.loads((killed.train_dir / "history.json").read_text())
+    assert all(np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss_total"]) for row in history)
+    run_select(cfg)  # validation and the export never mix: an ordinary export
+    assert (killed.export_dir / "config.json").exists()

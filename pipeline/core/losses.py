@@ -170,3 +170,21 @@ def joint_loss(out: TwinOutput, y1: Tensor, y2: Tensor, cfg: LossConfig, alpha: 
     disc = F.cross_entropy(out.same_logits.float(), same_target(y1, y2))
     total = cfg.A * f1 + cfg.B * f2 + cfg.C * disc
     return JointLoss(total=total, focal1=f1, focal2=f2, disc=disc)
+
+
+def mixed_joint_loss(
+    out: TwinOutput, y1: Tensor, y2: Tensor, cfg: LossConfig, lam: float, perm: Tensor, alpha: Tensor | None = None
+) -> JointLoss:
+    """The joint loss of a mixed pair batch (mixup / CutMix, :class:`pipeline.core.training.BatchMix`):
+    ``lam * L(y1, y2) + (1 - lam) * L(y1[perm], y2[perm])``, term by term.
+
+    Every term is linear in its target distribution, so this is exactly the loss against the soft
+    targets ``lam * e(y) + (1 - lam) * e(y[perm])`` of each branch (with ``alpha`` and label
+    smoothing applied to each of the two classes as for a plain batch), and for the discriminator
+    the soft "same class" target ``lam * [y1 == y2] + (1 - lam) * [y1[perm] == y2[perm]]``: a
+    mixed pair is ``lam`` of pair ``i`` and ``1 - lam`` of pair ``perm[i]`` on both sides."""
+    a = joint_loss(out, y1, y2, cfg, alpha)
+    if lam >= 1.0:
+        return a
+    b = joint_loss(out, y1[perm], y2[perm], cfg, alpha)
+    return JointLoss(*(lam * getattr(a, k) + (1.0 - lam) * getattr(b, k) for k in ("total", "focal1", "focal2", "disc")))

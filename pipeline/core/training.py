@@ -32,6 +32,9 @@ Design choices (the patent leaves these open; each is deliberate):
   patent's pairs are untouched: both images of a pair are transformed independently, the labels
   and the same/different target do not change. With every online knob at 0 no extra number is
   drawn, so the training is the same as before the knobs existed.
+* **Mixing** (:class:`BatchMix`, ``train.mixup_alpha`` / ``cutmix_alpha``, off by default): after
+  the views, a batch may be blended with a shuffled copy of itself, both images of a pair alike,
+  and the joint loss blended the same way (soft targets for both branches and the discriminator).
 * **Sharding.** Under DDP each rank takes every ``world``-th shuffled pair (like
   ``DistributedSampler``, padded to a multiple of the world size) and every ``world``-th val image;
   the loss sums are reduced with the ``all_reduce`` callable the stage passes in.
@@ -52,7 +55,7 @@ import torch
 
 from pipeline.config import LossConfig, TrainConfig
 from pipeline.core.imaging import normalize_unit, to_model_input
-from pipeline.core.losses import focal_loss, joint_loss
+from pipeline.core.losses import focal_loss, joint_loss, mixed_joint_loss
 from pipeline.errors import PipelineError
 
 HISTORY_COLUMNS: tuple[str, ...] = (
@@ -350,6 +353,86 @@ class OnlineAugment:
         return ds.to_input(x_uint8, self.device_transform(x_uint8.shape[0], gen))
 
 
+@dataclass(frozen=True)
+class MixDraw:
+    """One batch's mix: partner ``perm[i]`` of sample ``i``, weight ``lam`` of the sample itself, and
+    for CutMix the pasted box ``(top, left, height, width)`` in pixels (``None``: mixup)."""
+
+    lam: float
+    perm: torch.Tensor  # int64 (N,), on the host
+    box: tuple[int, int, int, int] | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixed batch of ``x`` (N, C, H, W), on ``x``'s device (a new tensor; ``x`` unchanged)."""
+        perm = self.perm.to(x.device)
+        if self.box is None:
+            return x * self.lam + x[perm] * (1.0 - self.lam)
+        top, left, h, w = self.box
+        out = x.clone()
+        out[:, :, top : top + h, left : left + w] = x[perm][:, :, top : top + h, left : left + w]
+        return out
+
+
+@dataclass(frozen=True)
+class BatchMix:
+    """Mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) of pair batches
+    (``train.mixup_alpha`` / ``cutmix_alpha`` / ``mix_prob``).
+
+    Choices (the patent has no mixing; it leaves the pairs and the joint loss as they are):
+
+    * One draw per batch, as timm does: ``lam ~ Beta(alpha, alpha)`` and a random permutation of the
+      batch; the **same** ``lam``, partner and (CutMix) box for the left and the right image of a
+      pair, so a mixed pair is ``lam`` of pair ``i`` and ``1 - lam`` of pair ``perm[i]`` on both
+      sides and its loss is the same blend of the two pairs' joint losses
+      (:func:`pipeline.core.losses.mixed_joint_loss`): soft class targets for both branches and a
+      soft same/different target for the discriminator.
+    * CutMix box: side ratio ``sqrt(1 - lam)``, centre uniform over the image, clipped at the
+      border; ``lam`` is then recomputed as the area kept, so the targets match the pixels.
+    * With both alphas on, each mixed batch picks mixup or CutMix with probability 1/2; a batch is
+      mixed with probability ``mix_prob``.
+    * Applied after the online views, to the normalised batch on the training device (the
+      normalisation is affine per channel, so mixing before or after it is the same). Validation,
+      the lowest-loss state and the export are untouched.
+    * Every draw comes from the training generator (checkpointed), a fixed number per batch while
+      on, so resume stays bit-identical; while both alphas are 0 nothing is drawn and training is
+      exactly what it was before the knobs existed.
+    """
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+
+    @classmethod
+    def from_config(cls, tc: TrainConfig) -> "BatchMix":
+        return cls(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob)
+
+    @property
+    def on(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def draw(self, n: int, size: tuple[int, int], gen: torch.Generator) -> MixDraw | None:
+        """The mix of a batch of ``n`` images of ``size`` = (H, W), or ``None`` (not mixed)."""
+        if not self.on:
+            return None
+        u = torch.rand(4, generator=gen).tolist()  # mixed?, which one, box centre y, x
+        perm = torch.randperm(n, generator=gen)
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or u[1] < 0.5)
+        lam = float(rng.beta(*(2 * [self.cutmix_alpha if cutmix else self.mixup_alpha])))
+        if u[0] >= self.prob:
+            return None
+        if not cutmix:
+            return MixDraw(lam, perm)
+        h, w = size
+        cut_h, cut_w = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
+        cy, cx = int(u[2] * h), int(u[3] * w)
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h - cut_h // 2), h)
+        left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w - cut_w // 2), w)
+        if bottom <= top or right <= left:
+            return MixDraw(1.0, perm)  # an empty box: the batch as it is
+        return MixDraw(1.0 - (bottom - top) * (right - left) / (h * w), perm, (top, left, bottom - top, right - left))
+
+
 # --------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------
@@ -492,12 +575,21 @@ def train_epoch(
     sums = dict.fromkeys(TRAIN_SUMS, 0.0)
     n_seen = 0.0
     views = OnlineAugment.from_config(tc)
+    mixing = BatchMix.from_config(tc)
     for xl_u8, xr_u8, yl, yr in batches:
         xl, xr = views(xl_u8, gen, ds), views(xr_u8, gen, ds)
         yl, yr = yl.to(ds.device, non_blocking=True), yr.to(ds.device, non_blocking=True)
+        mix = mixing.draw(xl.shape[0], (xl.shape[-2], xl.shape[-1]), gen)
+        if mix is not None:
+            xl, xr = mix.apply(xl), mix.apply(xr)
+            if ds.channels_last:
+                xl, xr = (t.contiguous(memory_format=torch.channels_last) for t in (xl, xr))
         with ds.autocast():
             out = model(xl, xr)
-        loss = joint_loss(float_output(out), yl, yr, loss_cfg, alpha)
+        if mix is None:
+            loss = joint_loss(float_output(out), yl, yr, loss_cfg, alpha)
+        else:
+            loss = mixed_joint_loss(float_output(out), yl, yr, loss_cfg, mix.lam, mix.perm.to(yl.device), alpha)
         if not torch.isfinite(loss.total):
             raise PipelineError(f"non-finite training loss at epoch {epoch + 1}; lower train.lr")
         opt.zero_grad(set_to_none=True)

@@ -39,6 +39,9 @@ pieces of :mod:`pipeline.core.training` (design choices there).
   what is validated, so the patent's lowest-loss state is the lowest-loss of the raw states
   before ``swa_start`` and the averages after it, and the branch choice and the export follow.
   Left out of the resume digest while off.
+* **Mixup / CutMix.** ``train.mixup_alpha`` / ``cutmix_alpha`` > 0 blend training batches with a
+  shuffled copy of themselves (:class:`pipeline.core.training.BatchMix`), pairs and joint loss
+  alike; validation and the export never mix. Left out of the resume digest while off.
 """
 
 from __future__ import annotations
@@ -222,6 +225,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     if tc.get("mixstyle_p") == 0.0:
         tc.pop("mixstyle_p", None)
         tc.pop("mixstyle_alpha", None)
+    if tc.get("mixup_alpha") == 0.0 and tc.get("cutmix_alpha") == 0.0:
+        for key in ("mixup_alpha", "cutmix_alpha", "mix_prob"):
+            tc.pop(key, None)
     if loss.get("label_smoothing") == 0.0:
         loss.pop("label_smoothing", None)
     payload = {
