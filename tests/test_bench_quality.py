@@ -268,3 +268,54 @@ def test_baseline_with_weight_averaging_keeps_the_lowest_loss_average(monkeypatc
     for k, v in model.state_dict().items():
         if v.is_floating_point():
             torch.testing.assert_close(v, sum(s[k] for s in used) / len(used))
+
+
+def test_baseline_mixes_its_batches_like_the_twin(monkeypatch):
+    """``train.mixup_alpha`` / ``cutmix_alpha``: the baselines see the same kind of mixed batches,
+    with the loss the same blend of the two images' cross-entropies."""
+    import torch
+    import torch.nn.functional as F
+
+    import pipeline.core.training as training
+    from pipeline.config import load_config
+    from pipeline.core.model import build_inference
+    from pipeline.io.compute import resolve_device
+
+    draws: list = []
+    real_draw = training.BatchMix.draw
+
+    def recording(self, n, size, gen):
+        d = real_draw(self, n, size, gen)
+        draws.append(d)
+        return d
+
+    losses: list[float] = []
+    real_ce = F.cross_entropy
+    monkeypatch.setattr(training.BatchMix, "draw", recording)
+
+    def counting_ce(*a, **k):
+        losses.append(1.0)
+        return real_ce(*a, **k)
+
+    monkeypatch.setattr(F, "cross_entropy", counting_ce)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 3, 32, 32), dtype=np.uint8)
+    y = np.arange(24) % len(CLASSES)
+
+    def train(**extra):
+        draws.clear()
+        losses.clear()
+        cfg = load_config(ROOT / "params.yaml", {"train.epochs": 1, "train.batch_size": 8, "train.cpu_threads": 1,
+                                                 "train.online_flip": False, **extra})  # fmt: skip
+        model, _ = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0,
+                                           resolve_device(cfg.train))  # fmt: skip
+        return model
+
+    plain = train()
+    assert draws == [None, None, None] and len(losses) == 3 + 1  # off: one cross-entropy per step
+    mixed = train(**{"train.mixup_alpha": 0.4})
+    assert len(draws) == 3 and all(d is not None and d.box is None for d in draws)
+    assert len(losses) == 3 * 2 + 1  # each step: both targets' cross-entropies; then validation
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), mixed.state_dict().values()))
+    train(**{"train.cutmix_alpha": 1.0})
+    assert all(d is not None and d.box is not None for d in draws)

@@ -1,5 +1,5 @@
 """Training for robustness on tiny project-made data: colour constancy in augment and train,
-the augmentation knobs, label smoothing and EMA of the weights."""
+the augmentation knobs, label smoothing, EMA and averaging of the weights, style mixing, mixup and CutMix."""
 
 from __future__ import annotations
 
@@ -322,10 +322,16 @@ def test_style_mixing_is_left_out_of_the_resume_digest_while_off(tmp_path: Path)
     assert digest(**{"train.mixstyle_p": 0.5}) != digest(**{"train.mixstyle_p": 0.5, "train.mixstyle_alpha": 0.3})
 
 
-def test_style_mixing_changes_training_and_resumes_bit_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("knob", [("train.mixstyle_p", 0.5), ("train.mixup_alpha", 1.0), ("train.cutmix_alpha", 1.0)])
+def test_mixing_changes_training_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knob: tuple[str, float]
+) -> None:
+    """Style mixing, mixup and CutMix: each changes the training, a stopped run resumes to the
+    same weights, and select exports an ordinary model (validation and the export never mix)."""
+    from pipeline.stages.select import run_select
     from pipeline.stages.train import run_train
 
-    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.mixstyle_p": 0.5}
+    extra = {"train.epochs": 3, "pairs.epochs": 2, knob[0]: knob[1]}
     full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
     assert run_train(cfg)["resumed_after_epoch"] == 1
     a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -335,6 +341,10 @@ def test_style_mixing_changes_training_and_resumes_bit_identically(tmp_path: Pat
     run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
     c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    history = json.loads((killed.train_dir / "history.json").read_text())
+    assert all(np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss_total"]) for row in history)
+    run_select(cfg)
+    assert (killed.export_dir / "config.json").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,26 +587,3 @@ def test_mixing_is_left_out_of_the_resume_digest_while_off(tmp_path: Path) -> No
     on = digest(**{"train.mixup_alpha": 0.2})
     assert len({digest(), on, digest(**{"train.cutmix_alpha": 0.2}), digest(**{"train.mixup_alpha": 0.4}),
                 digest(**{"train.mixup_alpha": 0.2, "train.mix_prob": 0.5})}) == 5  # fmt: skip
-
-
-@pytest.mark.parametrize("knob", ["train.mixup_alpha", "train.cutmix_alpha"])
-def test_mixing_changes_training_and_resumes_bit_identically(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knob: str
-) -> None:
-    from pipeline.stages.select import run_select
-    from pipeline.stages.train import run_train
-
-    extra = {"train.epochs": 3, "pairs.epochs": 2, knob: 1.0}
-    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
-    assert run_train(cfg)["resumed_after_epoch"] == 1
-    a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
-    b = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    plain = make_work(tmp_path / "plain")
-    run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
-    c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
-    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
-    history = json.loads((killed.train_dir / "history.json").read_text())
-    assert all(np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss_total"]) for row in history)
-    run_select(cfg)  # validation and the export never mix: an ordinary export
-    assert (killed.export_dir / "config.json").exists()
