@@ -442,7 +442,8 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     cfg = tiny_cfg(tmp_path)
     today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
     later = {
-        TrainConfig: ("ema_decay", "swa_start", "mixstyle_p", "mixstyle_alpha", "mixup_alpha", "cutmix_alpha", "mix_prob"),
+        TrainConfig: ("ema_decay", "swa_start", "mixstyle_p", "mixstyle_alpha",
+                      "mixup_alpha", "cutmix_alpha", "mix_prob"),
         LossConfig: ("label_smoothing",),
     }
     for cls, keys in later.items():
@@ -587,3 +588,32 @@ def test_mixing_is_left_out_of_the_resume_digest_while_off(tmp_path: Path) -> No
     on = digest(**{"train.mixup_alpha": 0.2})
     assert len({digest(), on, digest(**{"train.cutmix_alpha": 0.2}), digest(**{"train.mixup_alpha": 0.4}),
                 digest(**{"train.mixup_alpha": 0.2, "train.mix_prob": 0.5})}) == 5  # fmt: skip
+
+
+def test_training_mixes_both_images_of_every_pair_with_one_draw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the train stage the images are mixed, not only the loss: each mixed batch applies one draw
+    to the left and to the right images, and the loss gets that draw's ``lam`` and partners."""
+    import pipeline.core.training as training
+    from pipeline.stages.train import run_train
+
+    applied: list[tuple[int, tuple[int, ...]]] = []
+    losses: list[tuple[float, torch.Tensor]] = []
+    real_apply, real_loss = training.MixDraw.apply, training.mixed_joint_loss
+
+    def apply(self, x):
+        applied.append((id(self), tuple(x.shape)))
+        return real_apply(self, x)
+
+    def loss(out, y1, y2, cfg, lam, perm, alpha=None):
+        losses.append((lam, perm))
+        return real_loss(out, y1, y2, cfg, lam, perm, alpha)
+
+    monkeypatch.setattr(training.MixDraw, "apply", apply)
+    monkeypatch.setattr(training, "mixed_joint_loss", loss)
+    make_work(tmp_path / "w")
+    run_train(tiny_cfg(tmp_path / "w", **{"train.epochs": 1, "train.mixup_alpha": 0.4}))
+    assert applied and len(applied) == 2 * len(losses)
+    assert all(applied[i][0] == applied[i + 1][0] for i in range(0, len(applied), 2))  # one draw, both sides
+    assert all(0 <= lam <= 1 and sorted(perm.tolist()) == list(range(len(perm))) for lam, perm in losses)
