@@ -64,8 +64,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
     views (flips, ``train.online_*``), mixup / CutMix (``train.mixup_alpha`` / ``cutmix_alpha``: the
     loss is the same blend of the two images' losses), weight averaging (``train.swa_start``: from
-    then on the average is validated and kept, as for the twin) and, for the twin's backbone, style mixing
-    (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
+    then on the average is validated and kept, as for the twin) and, for the twin's backbone, style
+    mixing (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
     (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
@@ -100,7 +100,6 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
             mix = mixing.draw(x.shape[0], (x.shape[-2], x.shape[-1]), gen)
             if mix is not None:
                 x = mix.apply(x)
-                x = x.contiguous(memory_format=torch.channels_last) if ds.channels_last else x
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, 0, tc.schedule)
             with ds.autocast():

@@ -187,4 +187,5 @@ def mixed_joint_loss(
     if lam >= 1.0:
         return a
     b = joint_loss(out, y1[perm], y2[perm], cfg, alpha)
-    return JointLoss(*(lam * getattr(a, k) + (1.0 - lam) * getattr(b, k) for k in ("total", "focal1", "focal2", "disc")))
+    parts = ("total", "focal1", "focal2", "disc")
+    return JointLoss(*(lam * getattr(a, k) + (1.0 - lam) * getattr(b, k) for k in parts))

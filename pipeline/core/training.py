@@ -363,14 +363,17 @@ class MixDraw:
     box: tuple[int, int, int, int] | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixed batch of ``x`` (N, C, H, W), on ``x``'s device (a new tensor; ``x`` unchanged)."""
+        """The mixed batch of ``x`` (N, C, H, W), on ``x``'s device and in its memory format
+        (channels-last stays channels-last); a new tensor, ``x`` unchanged."""
         perm = self.perm.to(x.device)
         if self.box is None:
-            return x * self.lam + x[perm] * (1.0 - self.lam)
-        top, left, h, w = self.box
-        out = x.clone()
-        out[:, :, top : top + h, left : left + w] = x[perm][:, :, top : top + h, left : left + w]
-        return out
+            out = x * self.lam + x[perm] * (1.0 - self.lam)
+        else:
+            top, left, h, w = self.box
+            out = x.clone()
+            out[:, :, top : top + h, left : left + w] = x[perm][:, :, top : top + h, left : left + w]
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @dataclass(frozen=True)
@@ -430,7 +433,8 @@ class BatchMix:
         left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w - cut_w // 2), w)
         if bottom <= top or right <= left:
             return MixDraw(1.0, perm)  # an empty box: the batch as it is
-        return MixDraw(1.0 - (bottom - top) * (right - left) / (h * w), perm, (top, left, bottom - top, right - left))
+        kept = 1.0 - (bottom - top) * (right - left) / (h * w)
+        return MixDraw(kept, perm, (top, left, bottom - top, right - left))
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,9 +535,9 @@ def build_swa(model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel:
     Choices where the method leaves room: snapshots per epoch, not per step (the dense variant of
     SWAD, Cha et al., NeurIPS 2021, averages every step; per epoch costs nothing and is what the
     benchmark measured, bench/README.md trials 20-27); the schedule is left as configured
-    (cosine), not switched to a constant SWA learning rate; batch-norm statistics are the mean of the snapshots' running
-    statistics rather than recomputed by an extra pass over the training pairs, so the averaged
-    model is ready after each epoch at no extra cost.
+    (cosine), not switched to a constant SWA learning rate; batch-norm statistics are the mean of
+    the snapshots' running statistics rather than recomputed by an extra pass over the training
+    pairs, so the averaged model is ready after each epoch at no extra cost.
 
     The running mean is torch's per-tensor SWA update, ``avg + (new - avg) / (n + 1)``, on every
     device: torch's default on CUDA is a fused (foreach) update whose integer branch fails on the
@@ -582,14 +586,13 @@ def train_epoch(
         mix = mixing.draw(xl.shape[0], (xl.shape[-2], xl.shape[-1]), gen)
         if mix is not None:
             xl, xr = mix.apply(xl), mix.apply(xr)
-            if ds.channels_last:
-                xl, xr = (t.contiguous(memory_format=torch.channels_last) for t in (xl, xr))
         with ds.autocast():
             out = model(xl, xr)
         if mix is None:
             loss = joint_loss(float_output(out), yl, yr, loss_cfg, alpha)
         else:
-            loss = mixed_joint_loss(float_output(out), yl, yr, loss_cfg, mix.lam, mix.perm.to(yl.device), alpha)
+            perm = mix.perm.to(yl.device)
+            loss = mixed_joint_loss(float_output(out), yl, yr, loss_cfg, mix.lam, perm, alpha)
         if not torch.isfinite(loss.total):
             raise PipelineError(f"non-finite training loss at epoch {epoch + 1}; lower train.lr")
         opt.zero_grad(set_to_none=True)
