@@ -23,6 +23,9 @@ is scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matri
 acquisition source (:func:`pipeline.core.metrics.per_group_metrics`) -- and on the **external**
 test set ``--external`` (default ``../shared/data/derm7pt-384``; never trained or selected on;
 metrics over the classes it has, i.e. six without akiec), skipped with a reason when absent.
+BA, accuracy and macro AUC get class-stratified bootstrap intervals (``evaluate.bootstrap_samples``,
+``evaluate.ci_level``), and each baseline the twin's lead over it on the same images with a
+paired-bootstrap interval (``twin_minus_this``; :func:`pipeline.core.metrics.paired_differences`).
 ``--with-isic`` runs every split twice: on HAM10000 alone and with ``--isic`` (default
 ``../shared/data/isic-archive-512``) added to the training sources (``data.source: multi``);
 ``ham_only`` then gives the test metrics over the HAM10000 sources only, comparable across both.
@@ -203,10 +206,34 @@ def training_sets(isic: Path, *, with_isic: bool, isic_only: bool) -> tuple[list
     return [*sets, ("ham10000+isic", isic)], None
 
 
-def model_report(y, probs, sites, extra_sites: tuple[str, ...] = (), y_pred=None) -> dict:
-    """Test metrics of one model: overall (with ECE and the confusion matrix), per source, and --
-    when extra training sources are present -- ``ham_only`` over the rows of the other sources.
-    ``y_pred``: labels of a decision rule (default arg-max)."""
+def intervals(y, probs, y_pred, ci) -> dict | None:
+    """The bootstrap intervals of :func:`pipeline.core.metrics.bootstrap_intervals` with
+    ``ci = (samples, level, seed)`` (the evaluate stage's knobs and the run's seed); None: none."""
+    if ci is None or ci[0] <= 0:
+        return None
+    from pipeline.core.metrics import bootstrap_intervals
+
+    samples, level, seed = ci
+    return {"level": level, "samples": samples, **bootstrap_intervals(y, probs, y_pred, samples, level, seed)}
+
+
+def versus(y, p_a, pred_a, p_b, pred_b, ci) -> dict | None:
+    """Model a minus model b on the same images, paired bootstrap
+    (:func:`pipeline.core.metrics.paired_differences`, ``ci`` as in :func:`intervals`)."""
+    if ci is None or ci[0] <= 0 or p_a is None or p_b is None:
+        return None
+    from pipeline.core.metrics import paired_differences
+
+    samples, level, seed = ci
+    return {"level": level, "samples": samples,
+            **paired_differences(y, p_a, p_b, pred_a, pred_b, samples, level, seed)}  # fmt: skip
+
+
+def model_report(y, probs, sites, extra_sites: tuple[str, ...] = (), y_pred=None, ci=None) -> dict:
+    """Test metrics of one model: overall (with ECE, the confusion matrix and, with ``ci``, the
+    bootstrap intervals of :func:`intervals`), per source, and -- when extra training sources are
+    present -- ``ham_only`` over the rows of the other sources. ``y_pred``: labels of a decision
+    rule (default arg-max)."""
     import numpy as np
 
     from pipeline.core.evaluation import detail_report
@@ -215,20 +242,27 @@ def model_report(y, probs, sites, extra_sites: tuple[str, ...] = (), y_pred=None
 
     sites = np.asarray([str(s) for s in sites])
     pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
-    rep = detail_report(CLASSES, subset_metrics(y, probs, y_pred=pred), per_group_metrics(y, probs, sites, y_pred=pred))
+    overall = subset_metrics(y, probs, y_pred=pred)
+    if ci is not None:
+        overall["intervals"] = intervals(y, probs, pred, ci)
+    rep = detail_report(CLASSES, overall, per_group_metrics(y, probs, sites, y_pred=pred))
     keep = ~np.isin(sites, list(extra_sites))
     if extra_sites and keep.any():
         rep["ham_only"] = detail_report(CLASSES, subset_metrics(y[keep], probs[keep], y_pred=pred[keep]), {})["overall"]
     return rep
 
 
-def external_report(y, probs, y_pred=None) -> dict:
-    """Metrics on the external set (over the classes it has; see pipeline.core.metrics)."""
+def external_report(y, probs, y_pred=None, ci=None) -> dict:
+    """Metrics on the external set (over the classes it has; see pipeline.core.metrics), with the
+    bootstrap intervals of :func:`intervals` when ``ci`` is given."""
     from pipeline.core.evaluation import detail_report
     from pipeline.core.metrics import subset_metrics
     from pipeline.labels import CLASSES
 
-    return detail_report(CLASSES, subset_metrics(y, probs, y_pred=y_pred), {})["overall"]
+    overall = subset_metrics(y, probs, y_pred=y_pred)
+    if ci is not None:
+        overall["intervals"] = intervals(y, probs, probs.argmax(axis=1) if y_pred is None else y_pred, ci)
+    return detail_report(CLASSES, overall, {})["overall"]
 
 
 RULES: tuple[str, ...] = ("argmax", "balanced", "prior")
@@ -282,18 +316,21 @@ def configured_rule(select) -> str:
     return "argmax" if select.decision_rule == "none" else select.decision_rule
 
 
-def baseline_report(y_val, p_val, y_test, p_test, sites, extra_sites, y_ext, p_ext, select) -> dict:
+def baseline_report(y_val, p_val, y_test, p_test, sites, extra_sites, y_ext, p_ext, select, ci=None) -> dict:
     """A baseline's figures under the twin's decision rule (``select.decision_rule``), fitted the
     same way on the baseline's own val probabilities, so the headline BA compares models, not rules;
-    all three rules in ``rules`` (arg-max included)."""
+    all three rules in ``rules`` (arg-max included). ``labels``: that rule's test and external
+    labels (for :func:`versus`; the caller drops them before writing)."""
     from pipeline.core.decision import apply_offsets
 
     rules = rule_comparison(y_val, p_val, y_test, p_test, y_ext, p_ext, select)
     offsets = np.asarray(rules[configured_rule(select)]["offsets"])
+    pred_test = apply_offsets(p_test, offsets)
+    pred_ext = apply_offsets(p_ext, offsets) if p_ext is not None else None
     return {
-        "test": model_report(y_test, p_test, sites, extra_sites, apply_offsets(p_test, offsets)),
-        "external": external_report(y_ext, p_ext, apply_offsets(p_ext, offsets)) if p_ext is not None else None,
-        "rules": rules, "decision_rule": configured_rule(select),
+        "test": model_report(y_test, p_test, sites, extra_sites, pred_test, ci),
+        "external": external_report(y_ext, p_ext, pred_ext, ci) if p_ext is not None else None,
+        "rules": rules, "decision_rule": configured_rule(select), "labels": (pred_test, pred_ext),
     }  # fmt: skip
 
 
@@ -308,6 +345,45 @@ def decision_labels(exported, probs):
 
 def _f(v, width: int = 6) -> str:
     return f"{v:>{width}.3f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{width}}"
+
+
+def _ci(iv: dict | None, key: str) -> str:
+    lo, hi = (iv or {}).get(key) or (None, None)
+    return f"{'-':>13}" if lo is None or hi is None else f"{lo:.3f}-{hi:.3f}".rjust(13)
+
+
+def format_intervals(runs: list[dict]) -> list[str]:
+    """The bootstrap intervals of each model (test split and external set), then the twin minus
+    each baseline on the same images (paired bootstrap: the difference, its interval, and the
+    share of resamples in which the twin is ahead)."""
+    level = next((r["test"]["overall"]["intervals"]["level"] for run in runs for r in run["models"].values()
+                  if r["test"]["overall"].get("intervals")), None)  # fmt: skip
+    if level is None:
+        return []
+    pct = f"{100 * level:g} %"
+    lines = [f"{pct} intervals over class-stratified bootstrap resamples of the test images (not over training runs)",
+             f"{'split':<9} {'train data':<13} {'model':<19} {'BA':>13} {'mAUC':>13} {'ext BA':>13} {'ext mAUC':>13}"]
+    for run in runs:
+        for name, r in run["models"].items():
+            t, e = r["test"]["overall"].get("intervals"), (r.get("external") or {}).get("intervals")
+            lines.append(f"{run['split']:<9} {run['train_data']:<13} {name:<19} {_ci(t, 'balanced_accuracy')} "
+                         f"{_ci(t, 'macro_auc')} {_ci(e, 'balanced_accuracy')} {_ci(e, 'macro_auc')}")  # fmt: skip
+    rows = []
+    for run in runs:
+        for name, r in run["models"].items():
+            for where, d in (r.get("twin_minus_this") or {}).items():
+                if not d:
+                    continue
+                cells = []
+                for key in ("balanced_accuracy", "macro_auc"):
+                    lo, hi = d[key]["interval"]
+                    cells.append(f"{d[key]['difference']:+.3f} ({lo:+.3f} to {hi:+.3f}) {d[key]['a_better']:>4.0%}")
+                rows.append(f"{run['split']:<9} {run['train_data']:<13} {name:<19} {where:<8} {cells[0]:>28} "
+                            f"{cells[1]:>28}")  # fmt: skip
+    if rows:
+        lines += ["", f"twin minus baseline, same images ({pct} interval, share of resamples with the twin ahead)",
+                  f"{'split':<9} {'train data':<13} {'baseline':<19} {'set':<8} {'BA':>28} {'mAUC':>28}", *rows]
+    return lines
 
 
 def format_tables(runs: list[dict]) -> str:
@@ -334,6 +410,7 @@ def format_tables(runs: list[dict]) -> str:
             for site, m in r["test"]["per_source"].items():
                 lines.append(f"{run['split']:<9} {run['train_data']:<13} {name:<19} {site:<14} {m['n']:>5} "
                              f"{_f(m['balanced_accuracy'])} {_f(m['accuracy'])} {_f(m['macro_auc'])}")  # fmt: skip
+    lines += ["", *format_intervals(runs)]
     lines += ["", "confusion matrices (test split; rows = true, columns = predicted: " + " ".join(CLASSES) + ")"]
     for run in runs:
         for name, r in run["models"].items():
@@ -435,17 +512,20 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         ext_y = external["label"].map(CLASS_TO_INDEX).to_numpy()
     metrics = json.loads(layout.metrics.read_text())
     best = json.loads((layout.train_dir / "best.json").read_text())
+    ci = (cfg.evaluate.bootstrap_samples, cfg.evaluate.ci_level, cfg.seed)
     twin_probs = predict_batch_uint8(exported, x_te, cfg.evaluate.batch_size)
-    twin_ext = ext_probs = None
+    twin_pred = decision_labels(exported, twin_probs)
+    twin_ext = ext_probs = ext_pred = None
     if ext_x is not None:
         ext_probs = predict_batch_uint8(exported, ext_x, cfg.evaluate.batch_size)
-        twin_ext = external_report(ext_y, ext_probs, decision_labels(exported, ext_probs))
+        ext_pred = decision_labels(exported, ext_probs)
+        twin_ext = external_report(ext_y, ext_probs, ext_pred, ci)
     val = man[man["split"] == "val"].sort_values("image_id").reset_index(drop=True)
     x_val_raw, y_val = arrays(val, "val")
     rules = rule_comparison(y_val, predict_batch_uint8(exported, x_val_raw, cfg.evaluate.batch_size), y_te,
                             twin_probs, ext_y, ext_probs, cfg.select)
     models = {"twin": {
-        "test": model_report(y_te, twin_probs, sites, extra_sites, decision_labels(exported, twin_probs)),
+        "test": model_report(y_te, twin_probs, sites, extra_sites, twin_pred, ci),
         "external": twin_ext, "rules": rules,
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
@@ -477,9 +557,15 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             torch.manual_seed(cfg.seed)
             model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed, ds)
             p_ext = _probs(model, ext_b, ds) if ext_b is not None else None
+            p_te = _probs(model, x_te_b, ds)
+            report = baseline_report(y_va, _probs(model, x_va, ds), y_te, p_te, sites, extra_sites, ext_y, p_ext,
+                                     cfg.select, ci)
+            pred_te, pred_ext = report.pop("labels")
             models[name] = {
-                **baseline_report(y_va, _probs(model, x_va, ds), y_te, _probs(model, x_te_b, ds), sites, extra_sites,
-                                  ext_y, p_ext, cfg.select),
+                **report,
+                # the twin minus this baseline on the same images (paired bootstrap)
+                "twin_minus_this": {"test": versus(y_te, twin_probs, twin_pred, p_te, pred_te, ci),
+                                    "external": versus(ext_y, ext_probs, ext_pred, p_ext, pred_ext, ci)},
                 "params_inference": count_parameters(model), "seconds": round(time.perf_counter() - t0, 1),
                 "device": ds.describe(),
             }  # fmt: skip

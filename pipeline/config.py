@@ -372,6 +372,11 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1, le=1_000_000)
     # Threads decoding test images into the image cache.
     cache_workers: int = Field(4, ge=1, le=256)
+    # Confidence intervals of balanced accuracy, accuracy and macro AUC in metrics.json: this many
+    # class-stratified bootstrap resamples of the test set (pipeline.core.metrics), seeded by `seed`;
+    # 0 = none.
+    bootstrap_samples: int = Field(1000, ge=0, le=100_000)
+    ci_level: float = Field(0.95, gt=0, lt=1)
 
 
 class SelectConfig(_Section):

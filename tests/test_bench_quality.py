@@ -60,8 +60,41 @@ def test_model_report_and_tables():
                       "mobilenet_v3_small": {"test": rep, "external": None, "params_inference": 99, "seconds": 1.0}}}
     text = quality.format_tables([run])
     assert "holdout" in text and "mobilenet_v3_small" in text and "isic_archive" in text and "1,234" in text
+    assert "intervals" not in text  # none asked for
     json.dumps(run, allow_nan=False)
     assert not any(isinstance(v, float) and math.isnan(v) for v in rep["overall"].values())
+
+
+def test_intervals_and_the_twin_against_a_baseline_on_the_same_images():
+    rng = np.random.default_rng(2)
+    y, p = _skewed(rng, 40)
+    sites = ["a"] * len(y)
+    twin_pred = p.argmax(axis=1)
+    worse = twin_pred.copy()
+    worse[np.flatnonzero(worse == y)[::4]] = (y[np.flatnonzero(worse == y)[::4]] + 1) % len(CLASSES)
+    ci = (300, 0.9, 7)
+    twin = quality.model_report(y, p, sites, (), twin_pred, ci)
+    iv = twin["overall"]["intervals"]
+    assert iv["level"] == 0.9 and iv["samples"] == 300
+    assert iv["balanced_accuracy"][0] < twin["overall"]["balanced_accuracy"] < iv["balanced_accuracy"][1]
+    assert quality.external_report(y, p, twin_pred, ci)["intervals"] == iv
+    assert quality.model_report(y, p, sites, (), twin_pred, (0, 0.9, 7))["overall"]["intervals"] is None
+    d = quality.versus(y, p, twin_pred, p, worse, ci)
+    assert d["balanced_accuracy"]["difference"] > 0 and d["balanced_accuracy"]["interval"][0] > 0
+    assert d["balanced_accuracy"]["a_better"] == 1.0 and d["macro_auc"]["difference"] == 0.0
+    assert quality.versus(y, p, twin_pred, None, None, ci) is None
+    base = quality.model_report(y, p, sites, (), worse, ci)
+    run = {"split": "random", "train_data": "ham10000", "test_images": len(y), "models": {
+        "twin": {"test": twin, "external": None, "params_inference": 1, "seconds": 1.0},
+        "single_branch_ce": {"test": base, "external": None, "params_inference": 1, "seconds": 1.0,
+                             "twin_minus_this": {"test": d, "external": None}}}}
+    text = quality.format_tables([run])
+    assert "90 % intervals" in text and "twin minus baseline" in text
+    lo, hi = iv["balanced_accuracy"]
+    assert f"{lo:.3f}-{hi:.3f}" in text
+    row = next(line for line in text.splitlines() if line.startswith("random") and " test " in line)
+    assert row.split()[4] == f"{d['balanced_accuracy']['difference']:+.3f}" and "100%" in row
+    json.dumps(run, allow_nan=False)
 
 
 def _skewed(rng, n: int):
@@ -101,6 +134,9 @@ def test_baselines_are_scored_under_the_twins_rule_fitted_on_their_own_val():
     for rule, row in (("prior", "prior"), ("balanced", "balanced"), ("none", "argmax")):
         rep = quality.baseline_report(yv, pv, yt, pt, sites, (), ye, pe, SelectConfig(decision_rule=rule))
         assert rep["decision_rule"] == row and set(rep["rules"]) == set(quality.RULES)
+        pred_test, pred_ext = rep.pop("labels")  # the rule's labels, for the paired comparison with the twin
+        assert np.mean(pred_test == yt) == pytest.approx(rep["test"]["overall"]["accuracy"])
+        assert np.mean(pred_ext == ye) == pytest.approx(rep["external"]["accuracy"])
         headline = rep["test"]["overall"]["balanced_accuracy"]
         assert headline == pytest.approx(rep["rules"][row]["test"]["balanced_accuracy"])
         assert rep["external"]["balanced_accuracy"] == pytest.approx(rep["rules"][row]["external"]["balanced_accuracy"])
@@ -162,8 +198,15 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
             assert headline["balanced_accuracy"] == pytest.approx(prior_row["balanced_accuracy"])
         if run["split"] == "holdout":  # the held-out source is the whole test set
             assert set(run["models"]["twin"]["test"]["per_source"]) == {"synthetic_2"}
+        for name in ("single_branch_ce", "mobilenet_v3_small"):  # the twin against each, same images, paired
+            d = run["models"][name]["twin_minus_this"]
+            assert set(d) == {"test", "external"} and "labels" not in run["models"][name]
+            twin_ba, base_ba = (run["models"][m]["test"]["overall"]["balanced_accuracy"] for m in ("twin", name))
+            assert d["test"]["balanced_accuracy"]["difference"] == pytest.approx(twin_ba - base_ba)
+        assert run["models"]["twin"]["test"]["overall"]["intervals"]["samples"] == 1000
     text = capsys.readouterr().out
     assert "ext BA" in text and "confusion matrices" in text and "prior" in text
+    assert "95 % intervals" in text and "twin minus baseline" in text
     assert set(res["runs"][0]["models"]["twin"]["rules"]) == set(quality.RULES)
 
 

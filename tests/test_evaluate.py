@@ -42,7 +42,7 @@ def test_flat_metrics_strict_json() -> None:
     json.dumps(out, allow_nan=False)
 
 
-def test_train_select_evaluate_chain(tmp_path: Path) -> None:
+def test_train_select_evaluate_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.io.modelstore import load_exported
     from pipeline.io.scoring import score_model
     from pipeline.stages.evaluate import run_evaluate
@@ -64,6 +64,13 @@ def test_train_select_evaluate_chain(tmp_path: Path) -> None:
     assert metrics["selected_branch"] in (1, 2)
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0
     assert summary["test_images"] == metrics["test_images"] == 14
+    # bootstrap intervals (evaluate.bootstrap_samples, default 1000) around the reported figures
+    assert metrics["ci_level"] == cfg.evaluate.ci_level == 0.95
+    for key in ("balanced_accuracy", "accuracy", "macro_auc"):
+        assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"], key
+    detail = json.loads(layout.metrics_detail.read_text())["overall"]["intervals"]
+    assert detail["samples"] == 1000 and detail["balanced_accuracy"] == [
+        metrics["balanced_accuracy_ci_low"], metrics["balanced_accuracy_ci_high"]]
 
     for name in ("confusion_matrix.png", "roc.png", "confusion.csv"):
         assert (layout.plots_dir / name).is_file(), name
@@ -74,6 +81,14 @@ def test_train_select_evaluate_chain(tmp_path: Path) -> None:
     assert len(pred) == 14
     assert np.allclose(pred[list(CLASSES)].sum(axis=1), 1.0, atol=1e-6)
     assert pred["correct"].mean() == pytest.approx(metrics["accuracy"])
+    from pipeline.core.metrics import bootstrap_intervals
+    from pipeline.labels import CLASS_TO_INDEX
+
+    # the intervals are of the reported labels (the export's rule), seeded by the run's seed
+    y_csv, pred_csv = (pred[c].map(CLASS_TO_INDEX).to_numpy() for c in ("label", "predicted"))
+    again_ci = bootstrap_intervals(y_csv, pred[list(CLASSES)].to_numpy(), pred_csv, 1000, 0.95, cfg.seed)
+    assert again_ci["balanced_accuracy"] == pytest.approx(
+        [metrics["balanced_accuracy_ci_low"], metrics["balanced_accuracy_ci_high"]])
 
     cams = sorted(p.name for p in layout.cam_dir.glob("*.png") if p.name != "grid.png")
     assert (layout.cam_dir / "grid.png").is_file()
@@ -93,3 +108,25 @@ def test_train_select_evaluate_chain(tmp_path: Path) -> None:
     again, probs = score_model(load_exported(layout.export_dir), test, layout.augmented_dir, cfg)
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert probs.shape == (14, 7)
+
+    # the intervals are seeded (the same again) and can be turned off
+    run_evaluate(cfg)
+    assert json.loads(layout.metrics.read_text()) == metrics
+    run_evaluate(tiny_cfg(tmp_path / "w", **{"train.epochs": 1, "evaluate.cam_per_class": 1,
+                                             "evaluate.bootstrap_samples": 0}))  # fmt: skip
+    plain = json.loads(layout.metrics.read_text())
+    assert not any("_ci_" in k or k == "ci_level" for k in plain) and plain["accuracy"] == metrics["accuracy"]
+    assert "intervals" not in json.loads(layout.metrics_detail.read_text())["overall"]
+
+    # a decision rule other than arg-max: the intervals follow the labels the stage reports
+    import pipeline.stages.evaluate as evaluate_stage
+
+    monkeypatch.setattr(evaluate_stage, "predicted_labels", lambda _model, p: np.arange(p.shape[0]) % p.shape[1])
+    run_evaluate(cfg)
+    shifted = json.loads(layout.metrics.read_text())
+    rule_pred = pd.read_csv(layout.reports_dir / "predictions_test.csv")["predicted"].map(CLASS_TO_INDEX).to_numpy()
+    assert (rule_pred == np.arange(14) % 7).all()
+    rule_ci = bootstrap_intervals(y_csv, pred[list(CLASSES)].to_numpy(), rule_pred, 1000, 0.95, cfg.seed)
+    assert [shifted["balanced_accuracy_ci_low"], shifted["balanced_accuracy_ci_high"]] == pytest.approx(
+        rule_ci["balanced_accuracy"])
+    assert [shifted["accuracy_ci_low"], shifted["accuracy_ci_high"]] == pytest.approx(rule_ci["accuracy"])

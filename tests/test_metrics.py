@@ -129,3 +129,97 @@ def test_expected_calibration_error() -> None:
     from pipeline.core.metrics import classification_metrics
 
     assert classification_metrics(np.arange(7), np.eye(7))["ece"] == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+
+
+def _scored(rng: np.random.Generator, n: int, counts: tuple[float, ...] = (0.02, 0.05, 0.1, 0.03, 0.15, 0.6, 0.05)):
+    """Labels with a HAM-like class mix and rounded (tied) probabilities that rank the true class up."""
+    y = rng.choice(len(counts), size=n, p=np.asarray(counts) / sum(counts))
+    logits = rng.normal(size=(n, len(counts)))
+    logits[np.arange(n), y] += 1.5
+    p = np.exp(np.round(logits, 1))
+    return y, p / p.sum(axis=1, keepdims=True)
+
+
+def test_resampled_scores_of_the_whole_set_are_the_reported_metrics() -> None:
+    from pipeline.core.metrics import resampled_scores
+
+    rng = np.random.default_rng(3)
+    y, p = _scored(rng, 500)
+    p = np.round(p, 2)  # many ties within each class column
+    y[y == 3] = 4  # one class absent from the test set: left out of BA and macro AUC, as reported
+    rule = p.argmax(axis=1)
+    rule[::7] = 5
+    for pred in (None, rule):
+        m = classification_metrics(y, p, y_pred=pred)
+        s = resampled_scores(y, p, np.arange(y.size)[None, :], pred)
+        for key in ("balanced_accuracy", "accuracy", "macro_auc"):  # AUC from ranks, ties counted half
+            assert s[key].shape == (1,) and s[key][0] == pytest.approx(m[key], abs=1e-12), key
+
+
+def test_stratified_resamples_keep_each_class_count_and_are_seeded() -> None:
+    from pipeline.core.metrics import stratified_resamples
+
+    y = np.array([5, 0, 5, 5, 2, 0, 5, 2, 5])
+    rows = stratified_resamples(y, 200, seed=4)
+    assert rows.shape == (200, y.size)
+    assert (y[rows] == y[rows[0]][None, :]).all()  # column j: the same class in every resample
+    assert all((np.bincount(y[r], minlength=7) == np.bincount(y, minlength=7)).all() for r in rows)
+    assert len({tuple(r) for r in rows}) > 150  # drawn with replacement within the class, not a fixed order
+    assert (stratified_resamples(y, 200, seed=4) == rows).all()
+    assert not (stratified_resamples(y, 200, seed=5) == rows).all()
+    with pytest.raises(ValueError, match="samples"):
+        stratified_resamples(y, 0, seed=0)
+
+
+def test_interval_of_balanced_accuracy_has_the_binomial_width() -> None:
+    """Class-stratified: BA = mean of K recalls, each a binomial share of its class, so the
+    resampled BA has standard deviation sqrt(sum r_c (1 - r_c) / n_c) / K."""
+    from pipeline.core.metrics import bootstrap_intervals, resampled_scores, stratified_resamples
+
+    rng = np.random.default_rng(8)
+    y, p = _scored(rng, 1000)
+    pred = p.argmax(axis=1)
+    sd = resampled_scores(y, p, stratified_resamples(y, 2000, seed=1), pred)["balanced_accuracy"].std()
+    recall = np.array([np.mean(pred[y == c] == c) for c in range(7)])
+    n = np.bincount(y, minlength=7)
+    assert sd == pytest.approx(np.sqrt(np.sum(recall * (1 - recall) / n)) / 7, rel=0.08)
+
+    ci = bootstrap_intervals(y, p, pred, samples=500, level=0.95, seed=0)
+    m = classification_metrics(y, p)
+    for key in ("balanced_accuracy", "accuracy", "macro_auc"):
+        lo, hi = ci[key]
+        assert lo < m[key] < hi, key
+    narrow = bootstrap_intervals(y, p, pred, samples=500, level=0.5, seed=0)["balanced_accuracy"]
+    assert ci["balanced_accuracy"][0] < narrow[0] < narrow[1] < ci["balanced_accuracy"][1]
+    y_small, p_small = _scored(rng, 100)
+    small = bootstrap_intervals(y_small, p_small, samples=500, seed=0)["balanced_accuracy"]
+    assert small[1] - small[0] > 1.5 * (ci["balanced_accuracy"][1] - ci["balanced_accuracy"][0])  # 10x fewer images
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals(y, p, level=1.0)
+
+
+def test_paired_differences_see_a_better_model_that_the_two_intervals_cannot() -> None:
+    from pipeline.core.metrics import bootstrap_intervals, paired_differences
+
+    rng = np.random.default_rng(11)
+    y, p = _scored(rng, 600)
+    pred_b = p.argmax(axis=1)
+    pred_a = pred_b.copy()
+    wrong = np.flatnonzero(pred_a != y)
+    pred_a[wrong[:: 6]] = y[wrong[:: 6]]  # a corrects one in six of b's errors, and nothing else changes
+    d = paired_differences(y, p, p, pred_a, pred_b, samples=500, seed=0)["balanced_accuracy"]
+    full = classification_metrics(y, p, y_pred=pred_a)["balanced_accuracy"] - classification_metrics(y, p)[
+        "balanced_accuracy"]
+    assert d["difference"] == pytest.approx(full) and d["difference"] > 0
+    assert 0 <= d["interval"][0] <= d["difference"] <= d["interval"][1] and d["a_better"] > 0.95
+    a, b = (bootstrap_intervals(y, p, pr, samples=500, seed=0)["balanced_accuracy"] for pr in (pred_a, pred_b))
+    assert a[0] < b[1]  # side by side the two intervals overlap; paired, the difference is clear
+
+    back = paired_differences(y, p, p, pred_b, pred_a, samples=500, seed=0)["balanced_accuracy"]
+    assert back["difference"] == pytest.approx(-d["difference"])
+    assert back["interval"] == pytest.approx([-d["interval"][1], -d["interval"][0]])
+    same = paired_differences(y, p, p, pred_b, pred_b, samples=200, seed=0)
+    assert all(same[k]["interval"] == [0.0, 0.0] and same[k]["a_better"] == 0.0 for k in same)

@@ -282,3 +282,18 @@ def test_gate_with_real_score_model(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     run_track(cfg)
     s = run_register(cfg)
     assert s["promoted"] and 0.0 <= s["challenger_balanced_accuracy"] <= 1.0
+
+
+def test_model_card_gives_the_bootstrap_intervals_of_metrics_json() -> None:
+    from pipeline.core.model_card import model_card
+
+    def card(metrics: dict) -> str:
+        return model_card(name="skin-twin", version="3", run_id="r", metrics=metrics, export={}, data={}, gate={},
+                          lineage={})  # fmt: skip
+
+    figures = {"balanced_accuracy": 0.61, "accuracy": 0.7, "macro_auc": 0.9}
+    with_ci = card({**figures, "ci_level": 0.95, "balanced_accuracy_ci_low": 0.552, "balanced_accuracy_ci_high": 0.667,
+                    "macro_auc_ci_low": 0.881, "macro_auc_ci_high": 0.918})  # fmt: skip
+    assert "95 % intervals over resamples of the test images: balanced accuracy 0.552-0.667, macro AUC 0.881-0.918" in (
+        with_ci)
+    assert "intervals" not in card(figures)  # evaluate.bootstrap_samples: 0

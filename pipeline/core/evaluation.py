@@ -4,7 +4,10 @@ Per acquisition source (manifest ``source_site``) the evaluate stage adds to ``m
 flat keys ``site_<site>_<n|balanced_accuracy|accuracy|macro_auc|ece>`` (:func:`site_flat_metrics`;
 MLflow logs them as ``test_site_...``) and writes the full detail -- per-class recall over the
 classes present and the confusion matrix, overall and per source -- to ``metrics_detail.json``
-(:func:`detail_report`)."""
+(:func:`detail_report`). With ``evaluate.bootstrap_samples`` > 0 it adds the confidence intervals
+of :func:`pipeline.core.metrics.bootstrap_intervals` as ``<key>_ci_low`` / ``<key>_ci_high`` and their
+``ci_level`` (:func:`interval_flat_metrics`; MLflow: ``test_<key>_ci_low`` ...) and, with the level and the
+number of resamples, as ``overall.intervals`` of ``metrics_detail.json``."""
 
 from __future__ import annotations
 
@@ -68,6 +71,15 @@ def flat_metrics(metrics: dict[str, Any], meta: dict[str, Any], n_test: int) -> 
 def site_flat_metrics(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``site_<site>_<key>`` for the headline keys of each source (strict-JSON values)."""
     return {f"site_{site}_{k}": finite(m[k]) for site, m in per_site.items() for k in SUBSET_KEYS}
+
+
+def interval_flat_metrics(intervals: Mapping[str, Sequence[float]], level: float) -> dict[str, Any]:
+    """``<key>_ci_low`` / ``<key>_ci_high`` of each ``key -> [low, high]`` and ``ci_level``
+    (strict-JSON values)."""
+    out: dict[str, Any] = {"ci_level": float(level)}
+    for k, (lo, hi) in intervals.items():
+        out[f"{k}_ci_low"], out[f"{k}_ci_high"] = finite(lo), finite(hi)
+    return out
 
 
 def _strict(v: Any) -> Any:

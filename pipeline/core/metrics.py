@@ -21,6 +21,15 @@ scikit-learn computes every number; this wrapper fixes the conventions the proje
   ``macro_auc`` averages the classes with both positives and negatives *in that subset* (NaN when
   none has), and ``recall`` lists the present classes only. The model still chooses among all its
   classes: a prediction of a class the subset lacks counts as an error (nothing is renormalised).
+* **Confidence intervals** (:func:`bootstrap_intervals`, :func:`paired_differences`) come from a
+  bootstrap of the test images that is *stratified by true class*: every resample keeps each
+  class's count and draws its images with replacement within the class. Balanced accuracy is a
+  mean of per-class recalls, so a plain resample that happened to miss a rare class (the held-out
+  source has 11 ``akiec``) would change what is averaged; stratified, each class's recall varies
+  by its own sample size, and accuracy is taken at the test set's class mix. Intervals are
+  percentile intervals; the resamples are seeded, so a report is reproducible. They measure how
+  much the figure depends on *which test images* were drawn, not how much it depends on the
+  training seed (that spread comes on top).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from pipeline.labels import CLASSES
@@ -200,3 +210,112 @@ def roc_curves(
         fpr, tpr, _ = skm.roc_curve(pos.astype(int), p[:, c], drop_intermediate=False)
         curves[name] = (np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float))
     return curves
+
+
+INTERVAL_KEYS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_auc")
+
+
+def stratified_resamples(y_true: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """(samples, N) row indices: each row a bootstrap resample that keeps every class's count,
+    drawing with replacement within the class. Rows are grouped by class (class 0's draws first),
+    so column ``j`` of every resample holds the same true class."""
+    y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if y.size == 0:
+        raise ValueError("no samples")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        parts.append(rows[rng.integers(0, rows.size, size=(samples, rows.size))])
+    return np.concatenate(parts, axis=1)
+
+
+def resampled_scores(
+    y_true: np.ndarray, probs: np.ndarray, rows: np.ndarray, y_pred: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """:data:`INTERVAL_KEYS` -> (samples,) values, one per resample of ``rows``
+    (:func:`stratified_resamples`), with the conventions of :func:`classification_metrics`:
+    balanced accuracy over the classes present, macro AUC over the classes with positives and
+    negatives (NaN when none), labels of ``y_pred`` (default arg-max). AUC is the Mann-Whitney
+    statistic on average ranks, which equals ROC AUC with ties counted half."""
+    n = np.asarray(probs).shape[1] if np.ndim(probs) == 2 else 0
+    y, p, pred = _labels(y_true, probs, n, y_pred)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 2 or (rows.size and (rows.min() < 0 or rows.max() >= y.size)):
+        raise ValueError(f"rows must be (samples, M) indices into {y.size} samples")
+    yr = y[rows]
+    correct = pred[rows] == yr
+    present = [c for c in range(n) if (y == c).any()]
+    recalls = [np.mean(correct, axis=1, where=yr == c) for c in present]
+    aucs = []
+    for c in range(n):
+        pos = yr == c
+        n_pos = pos.sum(axis=1)
+        n_neg = pos.shape[1] - n_pos
+        if not (n_pos > 0).all() or not (n_neg > 0).all():
+            continue
+        ranks = rankdata(p[rows, c], axis=1)
+        aucs.append(((ranks * pos).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return {
+        "balanced_accuracy": np.mean(recalls, axis=0),
+        "accuracy": correct.mean(axis=1),
+        "macro_auc": np.mean(aucs, axis=0) if aucs else np.full(rows.shape[0], np.nan),
+    }
+
+
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of ``values`` (NaN, NaN when any is NaN)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0 or np.isnan(v).any():
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    y_pred: np.ndarray | None = None,
+    samples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """:data:`INTERVAL_KEYS` -> ``[low, high]``: the ``level`` percentile interval over ``samples``
+    class-stratified bootstrap resamples of the test set (see the module docstring)."""
+    rows = stratified_resamples(y_true, samples, seed)
+    return {k: list(percentile_interval(v, level)) for k, v in resampled_scores(y_true, probs, rows, y_pred).items()}
+
+
+def paired_differences(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    pred_a: np.ndarray | None = None,
+    pred_b: np.ndarray | None = None,
+    samples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Model a minus model b on the same test images, for each of :data:`INTERVAL_KEYS`:
+    ``{"difference": a - b on the full set, "interval": [low, high], "a_better": share of resamples
+    where a > b}``. Both models are scored on the *same* resamples (a paired bootstrap), so the
+    interval is about the difference, which is much narrower than the two intervals side by side."""
+    rows = stratified_resamples(y_true, samples, seed)
+    ra = resampled_scores(y_true, probs_a, rows, pred_a)
+    rb = resampled_scores(y_true, probs_b, rows, pred_b)
+    full = np.arange(np.asarray(y_true).size)[None, :]
+    fa = resampled_scores(y_true, probs_a, full, pred_a)
+    fb = resampled_scores(y_true, probs_b, full, pred_b)
+    out: dict[str, dict[str, Any]] = {}
+    for k in INTERVAL_KEYS:
+        d = ra[k] - rb[k]
+        out[k] = {
+            "difference": float(fa[k][0] - fb[k][0]),
+            "interval": list(percentile_interval(d, level)),
+            "a_better": float(np.mean(d > 0)) if not np.isnan(d).any() else float("nan"),
+        }
+    return out

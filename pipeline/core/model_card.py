@@ -33,6 +33,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _intervals(metrics: Mapping[str, Any]) -> str:
+    """The sentence on the bootstrap intervals of ``metrics.json`` (empty when it has none)."""
+    if metrics.get("balanced_accuracy_ci_low") is None or metrics.get("ci_level") is None:
+        return ""
+    pairs = [(label, metrics.get(f"{k}_ci_low"), metrics.get(f"{k}_ci_high"))
+             for label, k in (("balanced accuracy", "balanced_accuracy"), ("macro AUC", "macro_auc"))]
+    return (f" {100 * float(metrics['ci_level']):g} % intervals over resamples of the test images: "
+            + ", ".join(f"{label} {_num(lo)}-{_num(hi)}" for label, lo, hi in pairs)
+            + " (they leave out how much another training run would differ).")
+
+
 def model_card(
     *,
     name: str,
@@ -81,7 +92,8 @@ def model_card(
         "",
         "## Evaluation (test split)",
         f"Balanced accuracy {_num(metrics.get('balanced_accuracy'))}, accuracy {_num(metrics.get('accuracy'))}, "
-        f"macro AUC {_num(metrics.get('macro_auc'))}, expected calibration error (ECE) {_num(metrics.get('ece'))}.",
+        f"macro AUC {_num(metrics.get('macro_auc'))}, expected calibration error (ECE) {_num(metrics.get('ece'))}."
+        + _intervals(metrics),
         "",
         "## Model",
         f"Branch {export.get('selected_branch')} selected: validation loss {_num(export.get('val_loss_branch1'), 4)} "

@@ -40,12 +40,16 @@ def write_site_metrics(
     probs: np.ndarray,
     classes: Sequence[str],
     y_pred: np.ndarray | None = None,
+    intervals: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics_detail.json`` (overall + per source, confusion matrices) and return the flat
     ``site_<site>_<key>`` entries for ``metrics.json``. ``y_pred``: the labels of the export's
-    decision rule (default arg-max)."""
+    decision rule (default arg-max); ``intervals``: the overall confidence intervals, kept as
+    ``overall.intervals``."""
     per_site = per_group_metrics(y_true, probs, sites_of(test, layout), classes, y_pred=y_pred)
     overall = subset_metrics(y_true, probs, classes, y_pred=y_pred)
+    if intervals is not None:
+        overall["intervals"] = intervals
     write_json(layout.metrics_detail, detail_report(classes, overall, per_site))
     for site, m in per_site.items():
         log.info("test %s: n %d, balanced accuracy %.4f, accuracy %.4f", site, m["n"], m["balanced_accuracy"],

@@ -17,6 +17,11 @@ Writes
   ``metrics.json``, and ``reports/metrics_detail.json`` with per-class recall (classes present)
   and the confusion matrix, overall and per source (metrics over only the classes a source has,
   see :mod:`pipeline.core.metrics`).
+* with ``evaluate.bootstrap_samples`` > 0: ``<balanced_accuracy|accuracy|macro_auc>_ci_low`` /
+  ``_ci_high`` and ``ci_level`` in ``metrics.json``: the ``evaluate.ci_level`` interval over class-stratified bootstrap
+  resamples of the test images (seeded by ``seed``; :func:`pipeline.core.metrics.bootstrap_intervals`),
+  under the export's decision rule; the same with the level and resamples in ``metrics_detail.json``
+  (``overall.intervals``). They say how much the figure depends on which test images were drawn.
 * ``reports/cam/``: up to ``evaluate.cam_per_class`` CAM overlays per class for correct and for
   wrong predictions, ``<cls>_<correct|wrong>_<image_id>.png``, and ``grid.png`` with all of them:
   per true class the most confident correct and the most confident wrong predictions
@@ -43,9 +48,9 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.cam import overlay
-from pipeline.core.evaluation import flat_metrics, select_cam_samples
+from pipeline.core.evaluation import flat_metrics, interval_flat_metrics, select_cam_samples
 from pipeline.core.inference import Model, cam_of, predicted_labels
-from pipeline.core.metrics import confusion_matrix
+from pipeline.core.metrics import bootstrap_intervals, confusion_matrix
 from pipeline.core.plots import confusion_png, grid_png, roc_png
 from pipeline.core.schema import AUGMENTED_COLUMNS
 from pipeline.errors import PipelineError
@@ -124,13 +129,21 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     write_table(layout.predictions, pred_df)
 
     flat = flat_metrics(metrics, exported.meta, len(test))
-    flat.update(write_site_metrics(layout, test, y_true, probs, exported.classes, y_pred))
+    detail: dict[str, Any] | None = None
+    if ev.bootstrap_samples > 0:
+        ci = bootstrap_intervals(y_true, probs, y_pred, ev.bootstrap_samples, ev.ci_level, cfg.seed)
+        flat.update(interval_flat_metrics(ci, ev.ci_level))
+        detail = {"level": ev.ci_level, "samples": ev.bootstrap_samples, **ci}
+    flat.update(write_site_metrics(layout, test, y_true, probs, exported.classes, y_pred, detail))
     write_json(layout.metrics, flat)
     log.info(
         "test: accuracy %.4f, balanced accuracy %.4f, macro AUC %s on %d images (branch %s)",
         flat.get("accuracy") or 0.0, flat.get("balanced_accuracy") or 0.0, flat.get("macro_auc"), len(test),
         flat.get("selected_branch"),
     )  # fmt: skip
+    if detail is not None:
+        log.info("test: %.0f%% interval of balanced accuracy %.4f-%.4f, macro AUC %s-%s (%d resamples)",
+                 100 * ev.ci_level, *detail["balanced_accuracy"], *detail["macro_auc"], ev.bootstrap_samples)
     return {
         "accuracy": flat.get("accuracy"),
         "balanced_accuracy": flat.get("balanced_accuracy"),
