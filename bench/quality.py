@@ -26,6 +26,9 @@ metrics over the classes it has, i.e. six without akiec), skipped with a reason 
 BA, accuracy and macro AUC get class-stratified bootstrap intervals (``evaluate.bootstrap_samples``,
 ``evaluate.ci_level``), and each baseline the twin's lead over it on the same images with a
 paired-bootstrap interval (``twin_minus_this``; :func:`pipeline.core.metrics.paired_differences`).
+Every model's labels and probabilities stay in ``<work>/<data>-<split>/reports/bench/
+predictions_<model>_<test|external>.csv``, so ``bench/compare.py WORK_A WORK_B`` can pair two runs
+(e.g. a trial and the committed recipe) on the same images.
 ``--with-isic`` runs every split twice: on HAM10000 alone and with ``--isic`` (default
 ``../shared/data/isic-archive-512``) added to the training sources (``data.source: multi``);
 ``ham_only`` then gives the test metrics over the HAM10000 sources only, comparable across both.
@@ -58,6 +61,8 @@ sys.path.insert(0, str(ROOT))
 # `make run-real` and `dvc repro` with `--params params-real.yaml` use, so the benchmark's twin is the
 # model a user gets on real data. Only how the benchmark runs is set here, nothing about the model.
 DEFAULT_PARAMS = ROOT / "params-real.yaml"
+# Each run's per-model predictions (test split, external set) go to <work>/<data>-<split>/reports/<this>/.
+PREDICTIONS_DIR = "bench"
 BENCH_RUN_OVERRIDES: dict[str, object] = {
     "train.progress": False,
 }
@@ -334,6 +339,19 @@ def baseline_report(y_val, p_val, y_test, p_test, sites, extra_sites, y_ext, p_e
     }  # fmt: skip
 
 
+def write_predictions(folder: Path, model: str, kind: str, ids, y, probs, pred) -> None:
+    """``<folder>/predictions_<model>_<kind>.csv`` (``kind``: ``test`` or ``external``): one row per
+    image with the true class, the decided class and every class probability
+    (:func:`pipeline.core.evaluation.predictions_frame`), written atomically; nothing when ``probs``
+    is None. ``bench/compare.py`` pairs these files of two runs on the same images."""
+    if probs is None:
+        return
+    from pipeline.core.evaluation import predictions_frame
+    from pipeline.io.files import write_table
+
+    write_table(folder / f"predictions_{model}_{kind}.csv", predictions_frame(list(ids), y, pred, probs))
+
+
 def decision_labels(exported, probs):
     """The export's decision-rule labels where the pipeline has one (``predicted_labels``), else arg-max."""
     try:
@@ -520,6 +538,10 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         ext_probs = predict_batch_uint8(exported, ext_x, cfg.evaluate.batch_size)
         ext_pred = decision_labels(exported, ext_probs)
         twin_ext = external_report(ext_y, ext_probs, ext_pred, ci)
+    kept = layout.reports_dir / PREDICTIONS_DIR  # every model's labels and probabilities, for bench/compare.py
+    write_predictions(kept, "twin", "test", test["image_id"], y_te, twin_probs, twin_pred)
+    if ext_x is not None:
+        write_predictions(kept, "twin", "external", external["image_id"], ext_y, ext_probs, ext_pred)
     val = man[man["split"] == "val"].sort_values("image_id").reset_index(drop=True)
     x_val_raw, y_val = arrays(val, "val")
     rules = rule_comparison(y_val, predict_batch_uint8(exported, x_val_raw, cfg.evaluate.batch_size), y_te,
@@ -561,6 +583,9 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             report = baseline_report(y_va, _probs(model, x_va, ds), y_te, p_te, sites, extra_sites, ext_y, p_ext,
                                      cfg.select, ci)
             pred_te, pred_ext = report.pop("labels")
+            write_predictions(kept, name, "test", test["image_id"], y_te, p_te, pred_te)
+            if p_ext is not None:
+                write_predictions(kept, name, "external", external["image_id"], ext_y, p_ext, pred_ext)
             models[name] = {
                 **report,
                 # the twin minus this baseline on the same images (paired bootstrap)

@@ -204,6 +204,21 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
             twin_ba, base_ba = (run["models"][m]["test"]["overall"]["balanced_accuracy"] for m in ("twin", name))
             assert d["test"]["balanced_accuracy"]["difference"] == pytest.approx(twin_ba - base_ba)
         assert run["models"]["twin"]["test"]["overall"]["intervals"]["samples"] == 1000
+    # every model's labels and probabilities kept per run and set, as bench/compare.py reads them
+    from pipeline.core.metrics import classification_metrics
+    from pipeline.labels import CLASS_TO_INDEX
+
+    kept = sorted((tmp_path / "work").glob("*/reports/bench/predictions_*.csv"))
+    assert len(kept) == len(res["runs"]) * 3 * 2
+    for run in res["runs"]:
+        folder = tmp_path / "work" / f"{run['train_data']}-{run['split']}" / "reports" / "bench"
+        for name, m in run["models"].items():
+            for kind, report in (("test", m["test"]["overall"]), ("external", m["external"])):
+                df = pd.read_csv(folder / f"predictions_{name}_{kind}.csv")
+                y, pred = (df[c].map(CLASS_TO_INDEX).to_numpy() for c in ("label", "predicted"))
+                again = classification_metrics(y, df[list(CLASSES)].to_numpy(), y_pred=pred)
+                assert again["balanced_accuracy"] == pytest.approx(report["balanced_accuracy"])
+                assert again["macro_auc"] == pytest.approx(report["macro_auc"], abs=1e-6)
     text = capsys.readouterr().out
     assert "ext BA" in text and "confusion matrices" in text and "prior" in text
     assert "95 % intervals" in text and "twin minus baseline" in text

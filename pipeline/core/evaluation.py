@@ -16,8 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.core.metrics import SUBSET_KEYS
+from pipeline.labels import CLASSES
 
 # Export facts copied from the model's config.json into metrics.json.
 META_KEYS: tuple[str, ...] = (
@@ -96,3 +98,22 @@ def detail_report(
     """The ``metrics_detail.json`` content: class order, the overall subset metrics (with the
     confusion matrix, rows = true class, columns = predicted) and the same per source."""
     return _strict({"classes": list(classes), "overall": overall, "per_source": per_site})
+
+
+PREDICTION_COLUMNS: tuple[str, ...] = ("image_id", "label", "predicted", "correct", *CLASSES)
+
+
+def predictions_frame(image_ids: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """One row per scored image, :data:`PREDICTION_COLUMNS`: ``image_id``, the true and the decided
+    class names, ``correct`` (0/1) and one probability column per class (``reports/predictions_test.csv``
+    of the evaluate stage; the bench's per-model prediction files, which ``bench/compare.py`` pairs)."""
+    y_true, y_pred, probs = np.asarray(y_true), np.asarray(y_pred), np.asarray(probs, dtype=np.float64)
+    if not (len(image_ids) == y_true.size == y_pred.size == probs.shape[0]) or probs.shape[1:] != (len(CLASSES),):
+        raise ValueError(f"predictions_frame: {len(image_ids)} ids, {y_true.size} labels, {y_pred.size} decisions "
+                         f"and probabilities of shape {probs.shape} do not match")
+    out = pd.DataFrame(probs, columns=list(CLASSES))
+    out.insert(0, "correct", (y_true == y_pred).astype(int))
+    out.insert(0, "predicted", [CLASSES[i] for i in y_pred])
+    out.insert(0, "label", [CLASSES[i] for i in y_true])
+    out.insert(0, "image_id", [str(i) for i in image_ids])
+    return out

@@ -48,7 +48,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.cam import overlay
-from pipeline.core.evaluation import flat_metrics, interval_flat_metrics, select_cam_samples
+from pipeline.core.evaluation import flat_metrics, interval_flat_metrics, predictions_frame, select_cam_samples
 from pipeline.core.inference import Model, cam_of, predicted_labels
 from pipeline.core.metrics import bootstrap_intervals, confusion_matrix
 from pipeline.core.plots import confusion_png, grid_png, roc_png
@@ -121,12 +121,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         cam_files = write_cam_samples(exported, images, ids, y_true, probs, ev.cam_per_class, tmp, cfg.cam.alpha,
                                        y_pred)
 
-    pred_df = pd.DataFrame(probs, columns=list(exported.classes))
-    pred_df.insert(0, "correct", (y_true == y_pred).astype(int))
-    pred_df.insert(0, "predicted", [CLASSES[i] for i in y_pred])
-    pred_df.insert(0, "label", [CLASSES[i] for i in y_true])
-    pred_df.insert(0, "image_id", ids)
-    write_table(layout.predictions, pred_df)
+    write_table(layout.predictions, predictions_frame(ids, y_true, y_pred, probs))
 
     flat = flat_metrics(metrics, exported.meta, len(test))
     detail: dict[str, Any] | None = None
