@@ -103,7 +103,9 @@ def detail_report(
 PREDICTION_COLUMNS: tuple[str, ...] = ("image_id", "label", "predicted", "correct", *CLASSES)
 
 
-def predictions_frame(image_ids: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+def predictions_frame(
+    image_ids: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray
+) -> pd.DataFrame:
     """One row per scored image, :data:`PREDICTION_COLUMNS`: ``image_id``, the true and the decided
     class names, ``correct`` (0/1) and one probability column per class (``reports/predictions_test.csv``
     of the evaluate stage; the bench's per-model prediction files, which ``bench/compare.py`` pairs)."""
