@@ -72,13 +72,21 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
     views (flips, ``train.online_*``), mixup / CutMix (``train.mixup_alpha`` / ``cutmix_alpha``: the
     loss is the same blend of the two images' losses), weight averaging (``train.swa_start``: from
-    then on the average is validated and kept, as for the twin) and, for the twin's backbone, style
+    then on the average is validated and kept, as for the twin; per step with ``train.swa_every: step``) and, for the twin's backbone, style
     mixing (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
     (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.core.training import BatchMix, OnlineAugment, build_optimizer, build_swa, lr_factor, swa_active
+    from pipeline.core.training import (
+        BatchMix,
+        OnlineAugment,
+        build_optimizer,
+        build_swa,
+        lr_factor,
+        swa_active,
+        swa_per_step,
+    )
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -120,9 +128,12 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
             scaler.step(opt)
             scaler.update()
             step += 1
+            if swa is not None and swa_per_step(epoch + 1, tc):
+                swa.update_parameters(model)
         judged = model
         if swa is not None and swa_active(epoch + 1, tc.swa_start):
-            swa.update_parameters(model)
+            if not swa_per_step(epoch + 1, tc):
+                swa.update_parameters(model)
             judged = swa.module
         judged.eval()
         val_loss = F.cross_entropy(_logits(judged, xv, ds), yv).item()

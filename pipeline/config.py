@@ -348,6 +348,10 @@ class TrainConfig(_Section):
     # the weights and batch-norm buffers at the end of each epoch; from then on that mean is what is
     # validated (and so the lowest-loss state and the exported branch). null = off; not with ema_decay.
     swa_start: int | None = Field(None, ge=1)
+    # When the weights join that mean: "epoch" = once at the end of each epoch from swa_start on;
+    # "step" = after every optimizer step from the first step of epoch swa_start on (dense averaging,
+    # as SWAD). Either way the mean is validated at the end of each epoch from swa_start on.
+    swa_every: Literal["epoch", "step"] = "epoch"
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> "TrainConfig":
@@ -363,6 +367,8 @@ class TrainConfig(_Section):
             raise ValueError(f"swa_start: must be <= epochs ({self.epochs}), got {self.swa_start}")
         if self.swa_start is not None and self.ema_decay is not None:
             raise ValueError("swa_start: weight averaging and ema_decay are exclusive; set one of them to null")
+        if self.swa_every != "epoch" and self.swa_start is None:
+            raise ValueError(f"swa_every: {self.swa_every!r} needs swa_start (weight averaging is off)")
         return self
 
 

@@ -442,7 +442,7 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     cfg = tiny_cfg(tmp_path)
     today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
     later = {
-        TrainConfig: ("ema_decay", "swa_start", "mixstyle_p", "mixstyle_alpha",
+        TrainConfig: ("ema_decay", "swa_start", "swa_every", "mixstyle_p", "mixstyle_alpha",
                       "mixup_alpha", "cutmix_alpha", "mix_prob"),
         LossConfig: ("label_smoothing",),
     }
@@ -498,6 +498,51 @@ def test_swa_averages_epoch_states_keeps_the_lowest_loss_one_and_resumes_bit_ide
         torch.testing.assert_close(v, expected[k])
     shutil.rmtree(full.export_dir, ignore_errors=True)
     assert run_select(tiny_cfg(tmp_path / "full", **extra))["best_epoch"] == best["epoch"]
+
+
+def test_dense_swa_averages_every_step_from_swa_start_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.swa_every: step``: every optimizer step of epochs ``swa_start``.. joins the mean (and
+    none before), the kept average is the mean of exactly those states, and a run stopped after
+    epoch 1 resumes to the same average."""
+    import pipeline.stages.train as train_stage
+    from pipeline.stages.train import run_train
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real = train_stage.build_swa
+
+    def recording(model: torch.nn.Module):
+        swa = real(model)
+        update = swa.update_parameters
+
+        def update_and_record(m: torch.nn.Module) -> None:
+            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+            update(m)
+
+        swa.update_parameters = update_and_record  # type: ignore[method-assign]
+        return swa
+
+    monkeypatch.setattr(train_stage, "build_swa", recording)
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.swa_start": 2, "train.swa_every": "step"}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    in_full = list(snapshots)
+    e3 = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    data = train_stage.load_train_data(cfg)
+    steps = [len(train_stage.epoch_batches(data, e, cfg.train.batch_size, cfg.seed, 0, 1)[1]) for e in range(3)]
+    assert int(e3["swa"]["n_averaged"]) == len(in_full) == steps[1] + steps[2] > 2  # every step of epochs 2-3
+    avg = {k.removeprefix("module."): v for k, v in e3["swa"].items() if k.startswith("module.")}
+    for k, v in e3["model"].items():
+        assert torch.equal(in_full[-1][k], v)  # the last update is the state after the last step
+        if v.is_floating_point():
+            torch.testing.assert_close(avg[k], torch.stack([s[k] for s in in_full]).mean(0))
+    assert len(snapshots) == len(in_full)  # the run stopped after epoch 1 averaged nothing yet
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    resumed = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "swa"):
+        assert all(torch.equal(e3[key][k], resumed[key][k]) for k in e3[key]), key
+    with pytest.raises(Exception, match="swa_every: 'step' needs swa_start"):
+        tiny_cfg(tmp_path, **{"train.swa_every": "step"})
 
 
 # --------------------------------------------------------------------------------------------

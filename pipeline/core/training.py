@@ -554,6 +554,16 @@ def swa_active(epoch: int, swa_start: int | None) -> bool:
     return swa_start is not None and epoch >= swa_start
 
 
+def swa_per_step(epoch: int, tc: TrainConfig) -> bool:
+    """Whether every optimizer step of 1-based ``epoch`` joins the average (``train.swa_every:
+    step``, the dense averaging of SWAD, Cha et al., NeurIPS 2021) rather than only the weights at
+    the epoch's end. SWAD's window is where the validation loss stays near its minimum; here its
+    start is ``swa_start`` and its end is the patent's lowest-loss state: the mean as validated at
+    the end of each epoch is a candidate state, so the kept state is the dense mean from the first
+    step of epoch ``swa_start`` to the end of the epoch with the lowest validation loss."""
+    return tc.swa_every == "step" and swa_active(epoch, tc.swa_start)
+
+
 def train_epoch(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, ...]],
@@ -568,11 +578,12 @@ def train_epoch(
     ds: DeviceSetup,
     epoch: int,
     on_step: Callable[[dict[str, float], float], None] | None = None,
-    ema: Any = None,
+    averaged: Any = None,
 ) -> tuple[dict[str, float], float]:
     """One pass over ``batches``: ``(loss sums weighted by batch size, pairs seen)``.
 
-    ``ema`` (:func:`build_ema`) is updated after every optimizer step.
+    ``averaged`` (:func:`build_ema`, or :func:`build_swa` when :func:`swa_per_step`) is updated
+    after every optimizer step.
 
     Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause).
     """
@@ -600,8 +611,8 @@ def train_epoch(
         scaler.step(opt)
         scaler.update()
         sched.step()
-        if ema is not None:
-            ema.update_parameters(getattr(model, "module", model))
+        if averaged is not None:
+            averaged.update_parameters(getattr(model, "module", model))
         n = float(yl.shape[0])
         n_seen += n
         for key, val in zip(TRAIN_SUMS, (loss.total, loss.focal1, loss.focal2, loss.disc), strict=True):

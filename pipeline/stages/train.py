@@ -38,7 +38,9 @@ pieces of :mod:`pipeline.core.training` (design choices there).
   (:func:`pipeline.core.training.build_swa`, kept in ``last.pt``); from then on the average is
   what is validated, so the patent's lowest-loss state is the lowest-loss of the raw states
   before ``swa_start`` and the averages after it, and the branch choice and the export follow.
-  Left out of the resume digest while off.
+  With ``train.swa_every: step`` every optimizer step from the first of epoch ``swa_start`` joins
+  the mean instead (dense averaging, as SWAD; :func:`pipeline.core.training.swa_per_step`).
+  Left out of the resume digest while off (``swa_every`` while ``epoch``).
 * **Mixup / CutMix.** ``train.mixup_alpha`` / ``cutmix_alpha`` > 0 blend training batches with a
   shuffled copy of themselves (:class:`pipeline.core.training.BatchMix`), pairs and joint loss
   alike; validation and the export never mix. Left out of the resume digest while off.
@@ -81,6 +83,7 @@ from pipeline.core.training import (
     seed_everything,
     set_rng_state,
     swa_active,
+    swa_per_step,
     train_epoch,
     validate,
     validation_pairs,
@@ -222,6 +225,8 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     for key in ("ema_decay", "swa_start"):
         if tc.get(key) is None:
             tc.pop(key, None)
+    if tc.get("swa_every") == "epoch":
+        tc.pop("swa_every", None)
     if tc.get("mixstyle_p") == 0.0:
         tc.pop("mixstyle_p", None)
         tc.pop("mixstyle_alpha", None)
@@ -347,7 +352,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             model,
             iter_batches(BatchSet(data.images, data.labels, pe, batches), tc.num_workers, ds.device.type == "cuda"),
             opt=opt, sched=sched, scaler=scaler, gen=gen, tc=tc, loss_cfg=cfg.loss, alpha=alpha, ds=ds,
-            epoch=epoch, on_step=on_step, ema=ema,
+            epoch=epoch, on_step=on_step, averaged=swa if swa_per_step(epoch + 1, tc) else ema,
         )  # fmt: skip
         if bar is not None:
             bar.close()
@@ -359,7 +364,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         # lowest-loss state and exported
         judged = twin if ema is None else ema.module
         if swa is not None and swa_active(epoch + 1, tc.swa_start):
-            swa.update_parameters(twin)
+            if not swa_per_step(epoch + 1, tc):
+                swa.update_parameters(twin)
             judged = swa.module
         if judged is not twin:
             dist.broadcast_buffers(judged)
