@@ -72,7 +72,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
     views (flips, ``train.online_*``), mixup / CutMix (``train.mixup_alpha`` / ``cutmix_alpha``: the
     loss is the same blend of the two images' losses), weight averaging (``train.swa_start``: from
-    then on the average is validated and kept, as for the twin; per step with ``train.swa_every: step``) and, for the twin's backbone, style
+    then on the average is validated and kept, as for the twin; per step with ``train.swa_every: step``, batch-norm statistics recomputed with
+    ``train.swa_bn: recompute``) and, for the twin's backbone, style
     mixing (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
     (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
@@ -84,6 +85,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
         build_optimizer,
         build_swa,
         lr_factor,
+        recompute_batch_norm,
         swa_active,
         swa_per_step,
     )
@@ -134,6 +136,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
         if swa is not None and swa_active(epoch + 1, tc.swa_start):
             if not swa_per_step(epoch + 1, tc):
                 swa.update_parameters(model)
+            if tc.swa_bn == "recompute":
+                recompute_batch_norm(swa.module, np.asarray(x_train), np.arange(len(x_train)), max(bs, 64), ds)
             judged = swa.module
         judged.eval()
         val_loss = F.cross_entropy(_logits(judged, xv, ds), yv).item()

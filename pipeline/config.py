@@ -352,6 +352,10 @@ class TrainConfig(_Section):
     # "step" = after every optimizer step from the first step of epoch swa_start on (dense averaging,
     # as SWAD). Either way the mean is validated at the end of each epoch from swa_start on.
     swa_every: Literal["epoch", "step"] = "epoch"
+    # Batch-norm statistics of that mean: "mean" = the mean of the averaged states' running
+    # statistics; "recompute" = recomputed by one forward pass over the training images before each
+    # validation of the mean (torch.optim.swa_utils.update_bn, as SWA and SWAD prescribe).
+    swa_bn: Literal["mean", "recompute"] = "mean"
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> "TrainConfig":
@@ -369,6 +373,8 @@ class TrainConfig(_Section):
             raise ValueError("swa_start: weight averaging and ema_decay are exclusive; set one of them to null")
         if self.swa_every != "epoch" and self.swa_start is None:
             raise ValueError(f"swa_every: {self.swa_every!r} needs swa_start (weight averaging is off)")
+        if self.swa_bn != "mean" and self.swa_start is None:
+            raise ValueError(f"swa_bn: {self.swa_bn!r} needs swa_start (weight averaging is off)")
         return self
 
 

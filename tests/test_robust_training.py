@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_train import make_work, stopped_after_one_epoch, tiny_cfg
+from test_train import TINY_MODEL, make_work, stopped_after_one_epoch, tiny_cfg
 
 
 def test_train_with_colour_constancy_records_it_and_corrects_val(tmp_path: Path) -> None:
@@ -442,7 +442,7 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     cfg = tiny_cfg(tmp_path)
     today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
     later = {
-        TrainConfig: ("ema_decay", "swa_start", "swa_every", "mixstyle_p", "mixstyle_alpha",
+        TrainConfig: ("ema_decay", "swa_start", "swa_every", "swa_bn", "mixstyle_p", "mixstyle_alpha",
                       "mixup_alpha", "cutmix_alpha", "mix_prob"),
         LossConfig: ("label_smoothing",),
     }
@@ -543,6 +543,77 @@ def test_dense_swa_averages_every_step_from_swa_start_and_resumes_bit_identicall
         assert all(torch.equal(e3[key][k], resumed[key][k]) for k in e3[key]), key
     with pytest.raises(Exception, match="swa_every: 'step' needs swa_start"):
         tiny_cfg(tmp_path, **{"train.swa_every": "step"})
+
+
+def test_recomputed_batch_norm_is_the_mean_over_the_images_and_leaves_the_model_as_it_was() -> None:
+    from pipeline.config import ModelConfig
+    from pipeline.core.model import TwinNet
+    from pipeline.core.training import CPU, recompute_batch_norm
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 3, 8, 8), dtype=np.uint8)
+    images[:, 0] //= 4  # channel means far apart
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.3))
+    net.eval()
+    rows = np.array([1, 3, 5, 7, 9, 11])
+    recompute_batch_norm(net, images, rows, 3, CPU)
+    x = CPU.to_input(torch.from_numpy(images[rows]))
+    torch.testing.assert_close(net[0].running_mean, x.mean((0, 2, 3)))  # equal batches: the exact mean
+    assert int(net[0].num_batches_tracked) == 2 and net[0].momentum == 0.3 and not net.training
+
+    cfg = ModelConfig(**{k.removeprefix("model."): v for k, v in TINY_MODEL.items()})
+    torch.manual_seed(0)
+    twin = TwinNet(cfg)
+    twin.extractor.set_style_mixing(0.5)
+    before = copy.deepcopy(twin.state_dict())
+    big = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    recompute_batch_norm(twin, big, np.arange(6), 6, CPU)
+    after = twin.state_dict()
+    changed = [k for k in after if "running_mean" in k and not torch.equal(after[k], before[k])]
+    assert any(k.startswith("branches.0") for k in changed) and any(k.startswith("branches.1") for k in changed)
+    assert all(torch.equal(after[k], before[k]) for k in after if "running" not in k and "num_batches" not in k)
+    assert twin.training and twin.extractor.style_mix_p == 0.5  # restored
+    # a style-mixed pass would draw from the generator: the recompute is deterministic
+    again = copy.deepcopy(twin)
+    recompute_batch_norm(again, big, np.arange(6), 6, CPU)
+    assert all(torch.equal(again.state_dict()[k], after[k]) for k in after)
+
+
+def test_swa_with_recomputed_batch_norm_keeps_the_recomputed_statistics_and_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.swa_bn: recompute``: the kept average's batch-norm statistics are those of its own
+    weights over the train images (recomputed here from ``last.pt``), not the mean of the states'."""
+    from pipeline.core.model import build_twin
+    from pipeline.core.training import recompute_batch_norm
+    from pipeline.io.compute import resolve_device
+    from pipeline.stages.train import load_train_data, run_train
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "train.swa_start": 2, "train.swa_bn": "recompute"}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    e3 = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    kept = {k.removeprefix("module."): v for k, v in e3["swa"].items() if k.startswith("module.")}
+    twin = build_twin(cfg.model)
+    twin.load_state_dict(kept)
+    data = load_train_data(cfg)
+    rows = np.setdiff1d(np.arange(len(data.labels)), data.val_rows)
+    plain = {k: v.clone() for k, v in twin.state_dict().items()}
+    for k, v in plain.items():  # spoil the statistics: the recompute must not depend on them
+        if "running_mean" in k:
+            v.add_(5.0)
+    twin.load_state_dict(plain)
+    ds = resolve_device(cfg.train)  # as the stage: channels-last, which changes the sums' rounding
+    if ds.channels_last:
+        twin.to(memory_format=torch.channels_last)
+    recompute_batch_norm(twin, data.images, rows, max(cfg.evaluate.batch_size, cfg.train.batch_size), ds)
+    for k, v in twin.state_dict().items():
+        torch.testing.assert_close(kept[k], v, rtol=1e-5, atol=1e-6)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    resumed = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "swa"):
+        assert all(torch.equal(e3[key][k], resumed[key][k]) for k in e3[key]), key
+    with pytest.raises(Exception, match="swa_bn: 'recompute' needs swa_start"):
+        tiny_cfg(tmp_path, **{"train.swa_bn": "recompute"})
 
 
 # --------------------------------------------------------------------------------------------

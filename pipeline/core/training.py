@@ -56,6 +56,7 @@ import torch
 from pipeline.config import LossConfig, TrainConfig
 from pipeline.core.imaging import normalize_unit, to_model_input
 from pipeline.core.losses import focal_loss, joint_loss, mixed_joint_loss
+from pipeline.core.model import TwinNet
 from pipeline.errors import PipelineError
 
 HISTORY_COLUMNS: tuple[str, ...] = (
@@ -562,6 +563,51 @@ def swa_per_step(epoch: int, tc: TrainConfig) -> bool:
     the end of each epoch is a candidate state, so the kept state is the dense mean from the first
     step of epoch ``swa_start`` to the end of the epoch with the lowest validation loss."""
     return tc.swa_every == "step" and swa_active(epoch, tc.swa_start)
+
+
+@torch.no_grad()
+def recompute_batch_norm(
+    model: torch.nn.Module, images: Images | np.ndarray, rows: np.ndarray, batch_size: int, ds: DeviceSetup
+) -> None:
+    """Batch-norm running statistics of ``model`` recomputed from scratch over the images ``rows``
+    (``train.swa_bn: recompute``): every batch-norm layer's statistics are reset and become the
+    cumulative mean of its per-batch statistics in training mode (momentum ``None``), as
+    ``torch.optim.swa_utils.update_bn`` does and SWA / SWAD prescribe for averaged weights, whose
+    own activations the averaged running statistics do not describe.
+
+    Choices: the twin gets each image as both halves of a pair, so the shared extractor and both
+    branches see every image once (a one-input classifier, e.g. the benchmark's baselines, gets it
+    once); the images are the cached training copies without online views; style mixing is
+    suspended for the pass (dropout, also active in training mode, sits after the last batch norm
+    and changes nothing). Modes, momenta and the style mixing are restored afterwards. ``images``
+    is the image cache or a uint8 array (N, 3, S, S)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(rows) == 0:
+        return
+    pair = isinstance(model, TwinNet)
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    extractor = getattr(model, "extractor", None)
+    style_p = getattr(extractor, "style_mix_p", 0.0)
+    if style_p:
+        extractor.style_mix_p = 0.0  # type: ignore[union-attr]
+    was_training = model.training
+    model.train()
+    try:
+        for i in range(0, len(rows), batch_size):
+            r = rows[i : i + batch_size]
+            batch = images[r] if isinstance(images, np.ndarray) else images.take(r)
+            x = ds.to_input(torch.from_numpy(np.ascontiguousarray(batch)))
+            with ds.autocast():
+                model(x, x) if pair else model(x)
+    finally:
+        model.train(was_training)
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        if style_p:
+            extractor.style_mix_p = style_p  # type: ignore[union-attr]
 
 
 def train_epoch(

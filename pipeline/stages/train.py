@@ -79,6 +79,7 @@ from pipeline.core.training import (
     cpu_state,
     epoch_batches,
     iter_batches,
+    recompute_batch_norm,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -227,6 +228,8 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
             tc.pop(key, None)
     if tc.get("swa_every") == "epoch":
         tc.pop("swa_every", None)
+    if tc.get("swa_bn") == "mean":
+        tc.pop("swa_bn", None)
     if tc.get("mixstyle_p") == 0.0:
         tc.pop("mixstyle_p", None)
         tc.pop("mixstyle_alpha", None)
@@ -337,6 +340,9 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
 
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     val_batch = max(cfg.evaluate.batch_size, tc.batch_size)
+    # the train images (train.swa_bn: recompute): every image row that is not a val row; every rank
+    # passes over all of them, so the recomputed statistics are the same on every rank
+    train_rows = np.setdiff1d(np.arange(len(data.labels)), data.val_rows)
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.perf_counter()
         pe, batches = epoch_batches(data, epoch, tc.batch_size, cfg.seed, dist.rank, dist.world)
@@ -366,6 +372,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         if swa is not None and swa_active(epoch + 1, tc.swa_start):
             if not swa_per_step(epoch + 1, tc):
                 swa.update_parameters(twin)
+            if tc.swa_bn == "recompute":
+                recompute_batch_norm(swa.module, data.images, train_rows, val_batch, ds)
             judged = swa.module
         if judged is not twin:
             dist.broadcast_buffers(judged)
