@@ -533,12 +533,13 @@ def build_swa(model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel:
     epoch from ``swa_start`` on (the first update copies them). ``.module`` is the averaged twin;
     from ``swa_start`` on, validation, the lowest-loss state and the export use it.
 
-    Choices where the method leaves room: snapshots per epoch, not per step (the dense variant of
-    SWAD, Cha et al., NeurIPS 2021, averages every step; per epoch costs nothing and is what the
-    benchmark measured, bench/README.md trials 20-27); the schedule is left as configured
-    (cosine), not switched to a constant SWA learning rate; batch-norm statistics are the mean of
-    the snapshots' running statistics rather than recomputed by an extra pass over the training
-    pairs, so the averaged model is ready after each epoch at no extra cost.
+    Choices where the method leaves room: by default snapshots per epoch (``train.swa_every:
+    epoch``, what bench/README.md trials 20-27 measured); ``swa_every: step`` averages every
+    optimizer step instead (:func:`swa_per_step`, the dense variant of SWAD, Cha et al., NeurIPS
+    2021). The schedule is left as configured (cosine), not switched to a constant SWA learning
+    rate. Batch-norm statistics are by default the mean of the snapshots' running statistics, so
+    the averaged model is ready after each epoch at no extra cost; ``train.swa_bn: recompute``
+    recomputes them by one pass over the train images instead (:func:`recompute_batch_norm`).
 
     The running mean is torch's per-tensor SWA update, ``avg + (new - avg) / (n + 1)``, on every
     device: torch's default on CUDA is a fused (foreach) update whose integer branch fails on the
