@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
+from test_train import record_swa_updates
 
 from pipeline.config import SyntheticConfig
 from pipeline.labels import CLASSES
@@ -297,21 +298,7 @@ def test_baseline_with_weight_averaging_keeps_the_lowest_loss_average(monkeypatc
     from pipeline.core.model import build_inference
     from pipeline.io.compute import resolve_device
 
-    snapshots: list[dict] = []
-    real = training.build_swa
-
-    def recording(model):
-        swa = real(model)
-        update = swa.update_parameters
-
-        def update_and_record(m):
-            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-            update(m)
-
-        swa.update_parameters = update_and_record
-        return swa
-
-    monkeypatch.setattr(training, "build_swa", recording)
+    snapshots = record_swa_updates(monkeypatch, training)
     cfg = load_config(ROOT / "params.yaml", {"train.epochs": 3, "train.swa_start": 1, "train.batch_size": 8,
                                              "train.cpu_threads": 1, "train.channels_last": False})
     rng = np.random.default_rng(0)
@@ -338,21 +325,7 @@ def test_baseline_dense_averaging_with_recomputed_batch_norm_as_the_twin(monkeyp
     from pipeline.core.model import build_inference
     from pipeline.io.compute import resolve_device
 
-    snapshots: list[dict] = []
-    real = training.build_swa
-
-    def recording(model):
-        swa = real(model)
-        update = swa.update_parameters
-
-        def update_and_record(m):
-            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-            update(m)
-
-        swa.update_parameters = update_and_record
-        return swa
-
-    monkeypatch.setattr(training, "build_swa", recording)
+    snapshots = record_swa_updates(monkeypatch, training)
     cfg = load_config(ROOT / "params.yaml", {"train.epochs": 3, "train.swa_start": 2, "train.swa_every": "step",
                                              "train.swa_bn": "recompute", "train.batch_size": 8,
                                              "train.cpu_threads": 1, "train.channels_last": False})

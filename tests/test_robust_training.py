@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_train import TINY_MODEL, make_work, stopped_after_one_epoch, tiny_cfg
+from test_train import TINY_MODEL, make_work, record_swa_updates, stopped_after_one_epoch, tiny_cfg
 
 
 def test_train_with_colour_constancy_records_it_and_corrects_val(tmp_path: Path) -> None:
@@ -509,21 +509,7 @@ def test_dense_swa_averages_every_step_from_swa_start_and_resumes_bit_identicall
     import pipeline.stages.train as train_stage
     from pipeline.stages.train import run_train
 
-    snapshots: list[dict[str, torch.Tensor]] = []
-    real = train_stage.build_swa
-
-    def recording(model: torch.nn.Module):
-        swa = real(model)
-        update = swa.update_parameters
-
-        def update_and_record(m: torch.nn.Module) -> None:
-            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-            update(m)
-
-        swa.update_parameters = update_and_record  # type: ignore[method-assign]
-        return swa
-
-    monkeypatch.setattr(train_stage, "build_swa", recording)
+    snapshots = record_swa_updates(monkeypatch, train_stage)
     extra = {"train.epochs": 3, "pairs.epochs": 2, "train.swa_start": 2, "train.swa_every": "step"}
     full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
     in_full = list(snapshots)

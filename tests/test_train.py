@@ -115,6 +115,27 @@ def tiny_cfg(work: Path, **extra: Any) -> Config:
     return load_config(ROOT / "params.yaml", overrides)
 
 
+def record_swa_updates(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[dict[str, torch.Tensor]]:
+    """Patch ``module.build_swa`` so that every ``update_parameters`` call first records the state
+    it averages in; returns the (growing) list of recorded states."""
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real = module.build_swa
+
+    def recording(model: torch.nn.Module) -> Any:
+        swa = real(model)
+        update = swa.update_parameters
+
+        def update_and_record(m: torch.nn.Module) -> None:
+            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+            update(m)
+
+        swa.update_parameters = update_and_record
+        return swa
+
+    monkeypatch.setattr(module, "build_swa", recording)
+    return snapshots
+
+
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
