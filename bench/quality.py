@@ -72,10 +72,10 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
     views (flips, ``train.online_*``), mixup / CutMix (``train.mixup_alpha`` / ``cutmix_alpha``: the
     loss is the same blend of the two images' losses), weight averaging (``train.swa_start``: from
-    then on the average is validated and kept, as for the twin; per step with ``train.swa_every: step``, batch-norm statistics recomputed with
-    ``train.swa_bn: recompute``) and, for the twin's backbone, style
-    mixing (``train.mixstyle_*``) as the twin, on the twin's device and precision ``ds``
-    (:func:`pipeline.io.compute.resolve_device`)."""
+    then on the average is validated and kept, as for the twin; every step with ``train.swa_every:
+    step``; batch-norm statistics recomputed over the train images with ``train.swa_bn:
+    recompute``) and, for the twin's backbone, style mixing (``train.mixstyle_*``) as the twin, on
+    the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`)."""
     import torch
     import torch.nn.functional as F
 

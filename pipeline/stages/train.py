@@ -39,8 +39,10 @@ pieces of :mod:`pipeline.core.training` (design choices there).
   what is validated, so the patent's lowest-loss state is the lowest-loss of the raw states
   before ``swa_start`` and the averages after it, and the branch choice and the export follow.
   With ``train.swa_every: step`` every optimizer step from the first of epoch ``swa_start`` joins
-  the mean instead (dense averaging, as SWAD; :func:`pipeline.core.training.swa_per_step`).
-  Left out of the resume digest while off (``swa_every`` while ``epoch``).
+  the mean instead (dense averaging, as SWAD; :func:`pipeline.core.training.swa_per_step`). With
+  ``train.swa_bn: recompute`` the mean's batch-norm statistics are recomputed over every train
+  image before each validation (:func:`pipeline.core.training.recompute_batch_norm`). Left out of
+  the resume digest while off (``swa_every`` while ``epoch``, ``swa_bn`` while ``mean``).
 * **Mixup / CutMix.** ``train.mixup_alpha`` / ``cutmix_alpha`` > 0 blend training batches with a
   shuffled copy of themselves (:class:`pipeline.core.training.BatchMix`), pairs and joint loss
   alike; validation and the export never mix. Left out of the resume digest while off.
