@@ -85,8 +85,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
         build_optimizer,
         build_swa,
         lr_factor,
-        recompute_batch_norm,
         swa_active,
+        swa_epoch_end,
         swa_per_step,
     )
 
@@ -134,11 +134,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
                 swa.update_parameters(model)
         judged = model
         if swa is not None and swa_active(epoch + 1, tc.swa_start):
-            if not swa_per_step(epoch + 1, tc):
-                swa.update_parameters(model)
-            if tc.swa_bn == "recompute":
-                recompute_batch_norm(swa.module, np.asarray(x_train), np.arange(len(x_train)), max(bs, 64), ds)
-            judged = swa.module
+            judged = swa_epoch_end(swa, model, epoch + 1, tc, np.asarray(x_train), np.arange(len(x_train)),
+                                   max(bs, 64), ds)
         judged.eval()
         val_loss = F.cross_entropy(_logits(judged, xv, ds), yv).item()
         history.append({"epoch": epoch + 1, "val_loss": val_loss})

@@ -611,6 +611,28 @@ def recompute_batch_norm(
             extractor.style_mix_p = style_p  # type: ignore[union-attr]
 
 
+def swa_epoch_end(
+    swa: torch.optim.swa_utils.AveragedModel,
+    model: torch.nn.Module,
+    epoch: int,
+    tc: TrainConfig,
+    images: Images | np.ndarray,
+    train_rows: np.ndarray,
+    batch_size: int,
+    ds: DeviceSetup,
+) -> torch.nn.Module:
+    """The averaged model to validate at the end of 1-based ``epoch`` (call only while
+    :func:`swa_active`): ``model``'s weights join the mean here unless every step already did
+    (:func:`swa_per_step`), and with ``train.swa_bn: recompute`` the mean's batch-norm statistics
+    are recomputed over ``train_rows`` (:func:`recompute_batch_norm`). One place for the twin's
+    stage and the benchmark's baselines."""
+    if not swa_per_step(epoch, tc):
+        swa.update_parameters(model)
+    if tc.swa_bn == "recompute":
+        recompute_batch_norm(swa.module, images, train_rows, batch_size, ds)
+    return swa.module
+
+
 def train_epoch(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, ...]],

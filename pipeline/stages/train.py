@@ -81,11 +81,11 @@ from pipeline.core.training import (
     cpu_state,
     epoch_batches,
     iter_batches,
-    recompute_batch_norm,
     rng_state,
     seed_everything,
     set_rng_state,
     swa_active,
+    swa_epoch_end,
     swa_per_step,
     train_epoch,
     validate,
@@ -372,11 +372,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         # lowest-loss state and exported
         judged = twin if ema is None else ema.module
         if swa is not None and swa_active(epoch + 1, tc.swa_start):
-            if not swa_per_step(epoch + 1, tc):
-                swa.update_parameters(twin)
-            if tc.swa_bn == "recompute":
-                recompute_batch_norm(swa.module, data.images, train_rows, val_batch, ds)
-            judged = swa.module
+            judged = swa_epoch_end(swa, twin, epoch + 1, tc, data.images, train_rows, val_batch, ds)
         if judged is not twin:
             dist.broadcast_buffers(judged)
         val = validate(
