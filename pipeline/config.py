@@ -270,6 +270,9 @@ class ModelConfig(_Section):
     head_channels: int = Field(256, ge=8, le=16384)
     discriminator_hidden: int = Field(128, ge=4, le=16384)
     dropout: float = Field(0.1, ge=0, lt=1)
+    # Instance-batch normalisation (IBN-a) in the shallow layers: none | stem | extractor
+    # (stem + every extractor row but the last); see pipeline.core.model.
+    ibn: Literal["none", "stem", "extractor"] = "none"
 
 
 class LossConfig(_Section):

@@ -348,6 +348,101 @@ def test_mixing_changes_training_and_resumes_bit_identically(
 
 
 # --------------------------------------------------------------------------------------------
+# instance-batch normalisation (model.ibn)
+# --------------------------------------------------------------------------------------------
+
+
+def test_instance_batch_norm_normalises_half_per_image_and_half_per_batch() -> None:
+    from pipeline.core.model import InstanceBatchNorm
+
+    torch.manual_seed(0)
+    layer = InstanceBatchNorm(5)
+    assert layer.half == 2 and layer.instance.num_features == 2 and layer.batch.num_features == 3
+    x = torch.randn(4, 5, 6, 6) * torch.arange(1.0, 5.0).view(4, 1, 1, 1) + 3.0  # each image its own scale
+    out = layer.train()(x)
+    inst = out[:, :2]
+    torch.testing.assert_close(inst.mean(dim=(2, 3)), torch.zeros(4, 2), atol=1e-5, rtol=0)  # per image
+    torch.testing.assert_close(inst.var(dim=(2, 3), unbiased=False), torch.ones(4, 2), atol=1e-3, rtol=0)
+    per_image_std = out[:, 2:].std(dim=(1, 2, 3))
+    assert per_image_std[3] > 2 * per_image_std[0]  # batch half: the images' scales survive
+    torch.testing.assert_close(out[:, 2:], torch.nn.functional.batch_norm(x[:, 2:], None, None, training=True))
+    layer.eval()
+    alone, batched = layer(x[:1]), layer(x)
+    torch.testing.assert_close(alone, batched[:1])  # eval: an image's output does not depend on its batch
+    with pytest.raises(ValueError, match="channels"):
+        InstanceBatchNorm(1)
+
+
+def test_ibn_sits_in_the_shallow_layers_only_and_keeps_the_parameter_count() -> None:
+    from pipeline.config import ModelConfig
+    from pipeline.core.model import InstanceBatchNorm, build_inference, build_twin, count_parameters
+
+    def ibn_layers(cfg: ModelConfig) -> list[str]:
+        twin = build_twin(cfg)
+        return [name for name, m in twin.named_modules() if isinstance(m, InstanceBatchNorm)]
+
+    assert ibn_layers(ModelConfig()) == []
+    assert ibn_layers(ModelConfig(ibn="stem")) == ["extractor.stem.1"]
+    # default extractor rows [1,16,1,1] [4,24,2,2] [4,32,2,2]: stem, block 0 (expansion 1: its
+    # depthwise conv), blocks 1-2 (their 1x1 expansion); never row 3, the branches or a projection
+    assert ibn_layers(ModelConfig(ibn="extractor")) == [
+        "extractor.stem.1", "extractor.stages.0.block.0.1", "extractor.stages.1.block.0.1",
+        "extractor.stages.2.block.0.1",
+    ]  # fmt: skip
+    plain, ibn = build_inference(ModelConfig(), 7), build_inference(ModelConfig(ibn="extractor"), 7)
+    assert count_parameters(ibn) == count_parameters(plain)
+    with pytest.raises(ValueError, match="ibn"):
+        ModelConfig(ibn="all")  # type: ignore[arg-type]
+
+
+def test_ibn_export_is_batch_independent_traceable_and_loads_from_its_config() -> None:
+    import warnings
+
+    from pipeline.config import ModelConfig
+    from pipeline.core.model import build_inference, build_twin, inference_model
+
+    cfg = ModelConfig(ibn="extractor")
+    torch.manual_seed(0)
+    twin = build_twin(cfg).train()
+    twin(torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32))  # moves the batch halves' running statistics
+    model = inference_model(twin, 1).eval()
+    x = torch.rand(5, 3, 32, 32) * torch.linspace(0.3, 1.0, 5).view(5, 1, 1, 1)
+    torch.testing.assert_close(model(x[2:3]), model(x)[2:3])
+    fresh = build_inference(ModelConfig.model_validate(cfg.model_dump()), 7)  # as load_exported does
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, x[:2])
+    torch.testing.assert_close(traced(x), model(x))
+    old = {k: v for k, v in ModelConfig().model_dump().items() if k != "ibn"}  # an export from before the knob
+    assert ModelConfig.model_validate(old).ibn == "none"
+
+
+def test_ibn_trains_resumes_bit_identically_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.core.model import InstanceBatchNorm
+    from pipeline.io.modelstore import load_exported
+    from pipeline.stages.select import run_select
+    from pipeline.stages.train import run_train, train_digest
+
+    extra = {"train.epochs": 3, "pairs.epochs": 2, "model.ibn": "stem"}
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    assert run_train(cfg)["resumed_after_epoch"] == 1
+    a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".instance." in k for k in a)
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(digest="d", image_size=32)
+    assert train_digest(cfg, data, 1) != train_digest(tiny_cfg(tmp_path / "k"), data, 1)  # type: ignore[arg-type]
+    run_select(cfg)
+    exported = load_exported(killed.export_dir)
+    assert any(isinstance(m, InstanceBatchNorm) for m in exported.model.modules())
+    assert json.loads((killed.export_dir / "config.json").read_text())["model"]["ibn"] == "stem"
+
+
+# --------------------------------------------------------------------------------------------
 # weight averaging (train.swa_start)
 # --------------------------------------------------------------------------------------------
 

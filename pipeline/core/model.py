@@ -47,6 +47,17 @@ Design choices, and how they relate to the patent:
   mode: the exported inference model, CAM and the parameter count are unchanged, and
   :func:`inference_model` switches it off in its copy. The draws come from the global torch RNG
   (checkpointed with the rest), so resume stays bit-identical.
+* **Instance-batch normalisation (IBN-Net, Pan et al., ECCV 2018; ``model.ibn``, off by
+  default)**: a layer of the model for images from new devices and clinics. Instance
+  normalisation removes each image's per-channel contrast and brightness from a feature map, batch
+  normalisation keeps the discriminative part; IBN-a puts both side by side (half the channels
+  each) in the *first* normalisation of the shallow layers only, where appearance lives.
+  ``stem``: the stem's normalisation; ``extractor``: also the first normalisation of every block
+  of the ``model.extractor`` rows but the last (the rows MixStyle follows; the last extractor row
+  and the branches stay batch-normalised, so features at the CAM map stay discriminative).
+  Unlike test-time batch-norm adaptation it needs no target batch: an image's output does not
+  depend on its batch. Same parameter count (the instance half's scale and shift replace the
+  batch half's); it is part of the exported model, so every inference path applies it.
 * Weights: kaiming-normal for convs (fan_out; per-group fan_in for depthwise convs), BN gamma 1 /
   beta 0, except the BN after the
   projection conv of residual blocks, whose gamma starts at 0 so each residual block starts as
@@ -68,10 +79,32 @@ from pipeline.config import ModelConfig
 StageSpec = Sequence[Sequence[int]]  # rows of (expansion, out_channels, repeats, stride)
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+class InstanceBatchNorm(nn.Module):
+    """IBN-a normalisation (Pan et al., ECCV 2018): the first ``channels // 2`` channels are
+    instance-normalised (per image and channel, with a learned scale and shift; no running
+    statistics), the others batch-normalised. Eval-mode outputs of one image do not depend on
+    the rest of its batch (the instance half uses the image's own statistics, the batch half the
+    running ones), so ``predict``, pyfunc and ``evaluate`` agree whatever the batch."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"instance-batch normalisation needs >= 2 channels, got {channels}")
+        self.half = channels // 2
+        self.instance = nn.InstanceNorm2d(self.half, affine=True)
+        self.batch = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        return torch.cat([self.instance(a), self.batch(b)], dim=1)
+
+
+def _conv_bn(
+    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True, ibn: bool = False
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
+        InstanceBatchNorm(cout) if ibn else nn.BatchNorm2d(cout),
     ]
     if act:
         layers.append(nn.ReLU6(inplace=True))
@@ -81,7 +114,7 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand (skipped when expansion is 1) -> 3x3 depthwise -> 1x1 linear project."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expansion: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int, ibn: bool = False) -> None:
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
@@ -90,8 +123,9 @@ class InvertedResidual(nn.Module):
         hidden = cin * expansion
         layers: list[nn.Module] = []
         if expansion != 1:
-            layers.append(_conv_bn(cin, hidden, 1))
-        layers.append(_conv_bn(hidden, hidden, 3, stride=stride, groups=hidden))
+            layers.append(_conv_bn(cin, hidden, 1, ibn=ibn))
+        # ibn: the block's first normalisation only (IBN-a), never the projection's
+        layers.append(_conv_bn(hidden, hidden, 3, stride=stride, groups=hidden, ibn=ibn and expansion == 1))
         layers.append(_conv_bn(hidden, cout, 1, act=False))
         self.block = nn.Sequential(*layers)
         self.use_residual = stride == 1 and cin == cout
@@ -107,17 +141,18 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-def _stages(cin: int, spec: StageSpec) -> tuple[nn.Sequential, int]:
-    """Build inverted-residual stages; the first block of a stage carries its stride."""
+def _stages(cin: int, spec: StageSpec, ibn_rows: int = 0) -> tuple[nn.Sequential, int]:
+    """Build inverted-residual stages; the first block of a stage carries its stride; the blocks of
+    the first ``ibn_rows`` rows use :class:`InstanceBatchNorm` as their first normalisation."""
     blocks: list[nn.Module] = []
-    for row in spec:
+    for r, row in enumerate(spec):
         if len(row) != 4:
             raise ValueError(f"stage rows are [expansion, out_channels, repeats, stride], got {list(row)}")
         t, c, n, s = (int(v) for v in row)
         if c < 1 or n < 1:
             raise ValueError(f"out_channels and repeats must be >= 1, got {list(row)}")
         for i in range(n):
-            blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t, ibn=r < ibn_rows))
             cin = c
     return nn.Sequential(*blocks), cin
 
@@ -172,8 +207,9 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.stem = _conv_bn(3, cfg.stem_channels, 3, stride=2)
-        self.stages, self.out_channels = _stages(cfg.stem_channels, cfg.extractor)
+        self.stem = _conv_bn(3, cfg.stem_channels, 3, stride=2, ibn=cfg.ibn != "none")
+        ibn_rows = len(cfg.extractor) - 1 if cfg.ibn == "extractor" else 0
+        self.stages, self.out_channels = _stages(cfg.stem_channels, cfg.extractor, ibn_rows)
         ends = list(itertools.accumulate(int(row[2]) for row in cfg.extractor))  # blocks up to each row's end
         self.mix_after: frozenset[int] = frozenset(end - 1 for end in ends[:-1])
         self.style_mix_p = 0.0

@@ -240,9 +240,12 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
             tc.pop(key, None)
     if loss.get("label_smoothing") == 0.0:
         loss.pop("label_smoothing", None)
+    model = cfg.model.model_dump(mode="json")
+    if model.get("ibn") == "none":
+        model.pop("ibn", None)
     payload = {
         "seed": cfg.seed,
-        "model": cfg.model.model_dump(mode="json"),
+        "model": model,
         "loss": loss,
         "train": tc,
         "image_size": data.image_size,
