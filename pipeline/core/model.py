@@ -57,7 +57,9 @@ Design choices, and how they relate to the patent:
   and the branches stay batch-normalised, so features at the CAM map stay discriminative).
   Unlike test-time batch-norm adaptation it needs no target batch: an image's output does not
   depend on its batch. Same parameter count (the instance half's scale and shift replace the
-  batch half's); it is part of the exported model, so every inference path applies it.
+  batch half's); it is part of the exported model, so every inference path applies it. Measured
+  on the held-out HAM10000 source at 64 px, both placements lost accuracy and AUC against the
+  recipe (bench/README.md, trials 55-57), so ``params-real.yaml`` keeps it off.
 * Weights: kaiming-normal for convs (fan_out; per-group fan_in for depthwise convs), BN gamma 1 /
   beta 0, except the BN after the
   projection conv of residual blocks, whose gamma starts at 0 so each residual block starts as
