@@ -274,6 +274,17 @@ class ModelConfig(_Section):
     # (stem + every extractor row but the last); see pipeline.core.model.
     ibn: Literal["none", "stem", "extractor"] = "none"
 
+    def recorded(self) -> dict[str, Any]:
+        """The section as checkpoints, training digests and export ``config.json`` record it. Knobs
+        added after the first release are left out while off, so a default model's records equal
+        those written before the knob: old checkpoints stay resumable, and an export stays
+        readable by an earlier release of the project (a rolled-back deployment, an older
+        serving image) unless it uses the knob."""
+        out = self.model_dump(mode="json")
+        if out.get("ibn") == "none":
+            del out["ibn"]
+        return out
+
 
 class LossConfig(_Section):
     A: float = Field(1.0, ge=0, le=1000)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -417,6 +418,22 @@ def test_ibn_export_is_batch_independent_traceable_and_loads_from_its_config() -
     torch.testing.assert_close(traced(x), model(x))
     old = {k: v for k, v in ModelConfig().model_dump().items() if k != "ibn"}  # an export from before the knob
     assert ModelConfig.model_validate(old).ibn == "none"
+
+
+def test_ibn_is_recorded_only_when_on_so_earlier_releases_read_default_exports() -> None:
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    from pipeline.config import ModelConfig
+
+    fields: dict[str, Any] = {n: (f.annotation, f) for n, f in ModelConfig.model_fields.items() if n != "ibn"}
+    earlier = create_model("EarlierModelConfig", __config__=ConfigDict(extra="forbid"), **fields)
+    assert "ibn" not in ModelConfig().recorded()
+    earlier.model_validate(ModelConfig().recorded())  # what a release before the knob reads
+    assert ModelConfig.model_validate(ModelConfig().recorded()) == ModelConfig()
+    on = ModelConfig(ibn="stem").recorded()
+    assert on["ibn"] == "stem" and ModelConfig.model_validate(on).ibn == "stem"
+    with pytest.raises(ValidationError, match="ibn"):
+        earlier.model_validate(on)  # a model using the knob is refused by name there, never misread
 
 
 def test_ibn_trains_resumes_bit_identically_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -240,12 +240,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
             tc.pop(key, None)
     if loss.get("label_smoothing") == 0.0:
         loss.pop("label_smoothing", None)
-    model = cfg.model.model_dump(mode="json")
-    if model.get("ibn") == "none":
-        model.pop("ibn", None)
     payload = {
         "seed": cfg.seed,
-        "model": model,
+        "model": cfg.model.recorded(),
         "loss": loss,
         "train": tc,
         "image_size": data.image_size,
@@ -462,7 +459,7 @@ def _best_payload(
         "val_loss_branch2": float(best["val_loss_branch2"]),
         "val_loss_discriminator": float(best["val_loss_discriminator"]),
         "val_loss_total": float(best["val_loss_total"]),
-        "model_config": json.loads(json.dumps(cfg.model.model_dump(mode="json"))),
+        "model_config": json.loads(json.dumps(cfg.model.recorded())),
         "num_classes": NUM_CLASSES,
         "classes": list(CLASSES),
         "image_size": int(data.image_size),
