@@ -30,7 +30,7 @@ NAME = "skin-twin-test"
         (0.50, None, 0.0, 0.2, True),  # first model clears the floor
         (0.10, None, 0.0, 0.2, False),  # first model below the floor
         (0.60, 0.50, 0.0, 0.2, True),  # better
-        (0.50, 0.50, 0.0, 0.2, True),  # equal with margin 0: "beats by >= 0"
+        (0.50, 0.50, 0.0, 0.2, True),  # equal with margin 0: promoted, the reason says "equals"
         (0.40, 0.50, 0.0, 0.2, False),  # worse
         (0.54, 0.50, 0.05, 0.2, False),  # better but not by the margin
         (0.55, 0.50, 0.05, 0.2, True),  # exactly the margin
@@ -44,6 +44,14 @@ def test_gate_decision_table(challenger, champion, margin, floor, promote) -> No
     ok, reason = gate_decision(challenger, champion, margin, floor)
     assert ok is promote
     assert isinstance(reason, str) and reason
+
+
+def test_gate_reason_says_equals_for_a_tie_and_beats_only_for_a_gain() -> None:
+    assert gate_decision(0.5, 0.5, 0.0, 0.2) == (True, "challenger 0.5000 equals champion 0.5000 (margin 0.0000)")
+    ok, reason = gate_decision(0.6, 0.5, 0.05, 0.2)
+    assert ok and reason == "challenger 0.6000 beats champion 0.5000 by +0.1000 (margin 0.0500)"
+    ok, reason = gate_decision(0.52, 0.5, 0.05, 0.2)
+    assert not ok and "does not beat champion 0.5000 by the margin 0.0500" in reason
 
 
 def test_parse_model_uri() -> None:

@@ -12,7 +12,8 @@ def gate_decision(challenger_ba: float | None, champion_ba: float | None, margin
     """Promote the challenger? ``(promote, reason)``.
 
     Promote only when the challenger's balanced accuracy is at least ``floor`` and, when there is
-    a champion, at least ``champion_ba + margin``.
+    a champion, at least ``champion_ba + margin``: with margin 0 a challenger that equals the
+    champion is promoted (the newer model, trained on the newer data, serves) and the reason says so.
     """
     if challenger_ba is None or not math.isfinite(float(challenger_ba)):
         return False, "challenger has no balanced accuracy"
@@ -23,7 +24,8 @@ def gate_decision(challenger_ba: float | None, champion_ba: float | None, margin
         return True, f"no champion yet; challenger balanced accuracy {c:.4f} clears the floor {floor:.4f}"
     gain = c - float(champion_ba)
     if gain >= margin - 1e-12:
-        return True, f"challenger {c:.4f} beats champion {float(champion_ba):.4f} by {gain:+.4f} (margin {margin:.4f})"
+        how = f"beats champion {float(champion_ba):.4f} by {gain:+.4f}" if gain > 1e-12 else f"equals champion {c:.4f}"
+        return True, f"challenger {c:.4f} {how} (margin {margin:.4f})"
     return False, f"challenger {c:.4f} does not beat champion {float(champion_ba):.4f} by the margin {margin:.4f} ({gain:+.4f})"
 
 

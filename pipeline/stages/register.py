@@ -9,8 +9,9 @@ After ``track``:
    run's test split (``data/augmented/manifest.parquet``), with
    :func:`pipeline.io.scoring.score_model`; both models are downloaded from the registry, so what
    is scored is exactly what the aliases point at. :func:`pipeline.core.gate.gate_decision` promotes the challenger
-   (``champion`` moves to it) only when its balanced accuracy beats the champion's by at least
-   ``registry.margin`` and reaches ``registry.floor``; with no champion yet, the floor alone decides.
+   (``champion`` moves to it) only when its balanced accuracy is at least the champion's plus
+   ``registry.margin`` (with margin 0, a tie promotes the newer model) and reaches ``registry.floor``;
+   with no champion yet, the floor alone decides.
 3. Records the decision, reason and both scores as version tags (``gate.*``) and in the version
    description, and under ``registry`` in the tracking record.
 
