@@ -459,7 +459,7 @@ def _best_payload(
         "val_loss_branch2": float(best["val_loss_branch2"]),
         "val_loss_discriminator": float(best["val_loss_discriminator"]),
         "val_loss_total": float(best["val_loss_total"]),
-        "model_config": json.loads(json.dumps(cfg.model.recorded())),
+        "model_config": cfg.model.recorded(),
         "num_classes": NUM_CLASSES,
         "classes": list(CLASSES),
         "image_size": int(data.image_size),
