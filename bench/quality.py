@@ -155,10 +155,22 @@ def _logits(model, x, ds):
                           for i in range(0, len(x), 256)])  # fmt: skip
 
 
-def _probs(model, x, ds) -> np.ndarray:
+def _probs(model, x, ds, tta: str = "none") -> np.ndarray:
+    """Class probabilities of ``model`` on uint8 images ``x``: with ``tta`` (``select.tta``) the mean
+    softmax over the same views as the twin's export (:func:`pipeline.core.inference.tta_views`),
+    so a baseline is scored the way the twin is."""
     import torch
 
-    return torch.softmax(_logits(model, x, ds), 1).cpu().numpy()
+    from pipeline.core.inference import tta_views
+
+    if tta == "none":
+        return torch.softmax(_logits(model, x, ds), 1).cpu().numpy()
+    out = []
+    with torch.no_grad(), ds.autocast():
+        for i in range(0, len(x), 256):
+            views = tta_views(ds.to_input(torch.from_numpy(np.asarray(x[i : i + 256]))), tta)
+            out.append(torch.stack([torch.softmax(model(v.contiguous()).float(), 1) for v in views]).mean(0))
+    return torch.cat(out).cpu().numpy()
 
 
 SPLIT_MODES: tuple[str, ...] = ("random", "holdout")
@@ -508,7 +520,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
     import torch
     import torchvision
 
-    from pipeline.core.inference import apply_preprocess, predict_batch_uint8
+    from pipeline.core.inference import apply_preprocess, predict_batch_uint8, tta_of
     from pipeline.core.model import build_inference, count_parameters
     from pipeline.io.compute import resolve_device
     from pipeline.io.imagecache import load_image_cache
@@ -590,9 +602,10 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
             model, _ = _train_baseline(make(), x_tr, y_tr, x_va, y_va, cfg, cfg.seed, ds)
-            p_ext = _probs(model, ext_b, ds) if ext_b is not None else None
-            p_te = _probs(model, x_te_b, ds)
-            report = baseline_report(y_va, _probs(model, x_va, ds), y_te, p_te, sites, extra_sites, ext_y, p_ext,
+            tta = tta_of(exported.meta)  # the twin export's views, so both are scored alike
+            p_ext = _probs(model, ext_b, ds, tta) if ext_b is not None else None
+            p_te = _probs(model, x_te_b, ds, tta)
+            report = baseline_report(y_va, _probs(model, x_va, ds, tta), y_te, p_te, sites, extra_sites, ext_y, p_ext,
                                      cfg.select, ci)
             pred_te, pred_ext = report.pop("labels")
             write_predictions(kept, name, "test", test["image_id"], y_te, p_te, pred_te)

@@ -401,3 +401,28 @@ def test_baseline_mixes_its_batches_like_the_twin(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), mixed.state_dict().values()))
     train(**{"train.cutmix_alpha": 1.0})
     assert all(d is not None and d.box is not None for d in draws)
+
+
+def test_baselines_are_scored_with_the_twins_test_time_views():
+    """``select.tta: flips`` averages a baseline's softmax over the 8 flip/transpose views, as the
+    twin's export does; ``none`` is the plain softmax."""
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.io.compute import resolve_device
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 7)).eval()
+    x = np.random.default_rng(0).integers(0, 256, size=(5, 3, 8, 8), dtype=np.uint8)
+    ds = resolve_device(TrainConfig(device="cpu"))
+    inp = ds.to_input(torch.from_numpy(x))
+    turns = [torch.rot90(inp, k, dims=(2, 3)) for k in range(4)]
+    views = turns + [t.transpose(2, 3) for t in turns]
+    with torch.no_grad():
+        want = np.mean([torch.softmax(model(v.contiguous()), 1).numpy() for v in views], 0)
+        plain = torch.softmax(model(inp), 1).numpy()
+    got = quality._probs(model, x, ds, "flips")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(quality._probs(model, x, ds), plain, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, plain, atol=1e-4)  # the model is not flip-invariant: the views matter
