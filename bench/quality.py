@@ -321,7 +321,7 @@ def rule_comparison(y_val, p_val, y_test, p_test, y_ext=None, p_ext=None, select
 
     return {name: {"val_balanced_accuracy": balanced_accuracy(y_val, apply_offsets(p_val, off), p_val.shape[1]),
                    "test": scores(y_test, p_test, off), "external": scores(y_ext, p_ext, off, external=True),
-                   "offsets": [round(float(v), 4) for v in off]}
+                   "offsets": [float(v) for v in off]}
             for name, off in fitted.items()}  # fmt: skip
 
 
