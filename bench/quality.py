@@ -157,20 +157,17 @@ def _logits(model, x, ds):
 
 def _probs(model, x, ds, tta: str = "none") -> np.ndarray:
     """Class probabilities of ``model`` on uint8 images ``x``: with ``tta`` (``select.tta``) the mean
-    softmax over the same views as the twin's export (:func:`pipeline.core.inference.tta_views`),
-    so a baseline is scored the way the twin is."""
+    softmax over the same views, by the same function, as the twin's export
+    (:func:`pipeline.core.inference.view_probs`), so a baseline is scored the way the twin is."""
     import torch
 
-    from pipeline.core.inference import tta_views
+    from pipeline.core.inference import view_probs
 
     if tta == "none":
         return torch.softmax(_logits(model, x, ds), 1).cpu().numpy()
-    out = []
     with torch.no_grad(), ds.autocast():
-        for i in range(0, len(x), 256):
-            views = tta_views(ds.to_input(torch.from_numpy(np.asarray(x[i : i + 256]))), tta)
-            out.append(torch.stack([torch.softmax(model(v.contiguous()).float(), 1) for v in views]).mean(0))
-    return torch.cat(out).cpu().numpy()
+        return torch.cat([view_probs(model, ds.to_input(torch.from_numpy(np.asarray(x[i : i + 256]))), tta, i)
+                          for i in range(0, len(x), 256)]).cpu().numpy()  # fmt: skip
 
 
 SPLIT_MODES: tuple[str, ...] = ("random", "holdout")

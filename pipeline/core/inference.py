@@ -111,6 +111,25 @@ def prepare(images: Sequence[np.ndarray | Image.Image], size: int) -> np.ndarray
     return out
 
 
+def view_probs(model: torch.nn.Module, x: torch.Tensor, mode: str, first_row: int = 0) -> torch.Tensor:
+    """float64 class probabilities (N, C) of ``model`` on the model input ``x`` (N, C, H, W): the
+    softmax, averaged over the :func:`tta_views` of ``mode`` (all views in one forward pass: TTA at
+    batch 1 is one batch of 8, not 8 passes). Non-finite logits raise :class:`PipelineError` naming
+    the rows (counted from ``first_row``)."""
+    views = tta_views(x, mode)
+    n = x.shape[0]
+    logits = model(views[0] if len(views) == 1 else torch.cat(views).contiguous()).float()
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bool(bad.any()):
+        rows = sorted({int(r) % n + first_row for r in torch.nonzero(bad).flatten()})
+        raise PipelineError(
+            f"the model produced non-finite outputs for {len(rows)} image(s) (rows {rows[:5]}); "
+            "refusing to report garbage probabilities"
+        )
+    p = torch.softmax(logits.double(), dim=1)
+    return p.view(len(views), n, -1).mean(dim=0) if len(views) > 1 else p
+
+
 @torch.no_grad()
 def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 (N, 3, S, S) already at the model size (not yet colour-corrected) -> probabilities
@@ -124,21 +143,7 @@ def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: in
     for i in range(0, batch_uint8.shape[0], batch_size):
         chunk = apply_preprocess(np.array(batch_uint8[i : i + batch_size]), exported.meta)
         x = to_model_input(torch.from_numpy(chunk).to(device))
-        views = tta_views(x, mode)
-        n = x.shape[0]
-        # all views in one forward pass (TTA at batch 1 is one batch of 8, not 8 passes)
-        logits = model(views[0] if len(views) == 1 else torch.cat(views).contiguous()).float()
-        bad = ~torch.isfinite(logits).all(dim=1)
-        if bool(bad.any()):
-            rows = sorted({int(r) % n + i for r in torch.nonzero(bad).flatten()})
-            raise PipelineError(
-                f"the model produced non-finite outputs for {len(rows)} image(s) (rows {rows[:5]}); "
-                "refusing to report garbage probabilities"
-            )
-        p = torch.softmax(logits.double(), dim=1)
-        if len(views) > 1:
-            p = p.view(len(views), n, -1).mean(dim=0)
-        probs.append(p.cpu().numpy())
+        probs.append(view_probs(model, x, mode, first_row=i).cpu().numpy())
     if not probs:
         return np.zeros((0, int(exported.meta["num_classes"])), dtype=np.float64)
     p = np.concatenate(probs)
