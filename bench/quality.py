@@ -17,8 +17,8 @@ augmented train images, two baselines:
 Each baseline keeps its lowest-validation-loss epoch, like the twin (patent S2), trains on the
 twin's device and precision (:func:`pipeline.io.compute.resolve_device`: CUDA with autocast when
 present, channels-last with ``train.channels_last``) and gets the twin's decision rule
-(``select.decision_rule``) fitted on its own val probabilities, so the headline BA compares models
-under one rule; every model's arg-max / balanced / prior figures are in the rule table. Every model
+(``select.decision_rule``) and calibration (``select.calibration``), both fitted on its own val
+probabilities, so the headline BA and ECE compare models under one rule; every model's arg-max / balanced / prior figures are in the rule table. Every model
 is scored on the test split -- BA, accuracy, macro AUC, ECE, the confusion matrix and the same per
 acquisition source (:func:`pipeline.core.metrics.per_group_metrics`) -- and on the **external**
 test set ``--external`` (default ``../shared/data/derm7pt-384``; never trained or selected on;
@@ -342,6 +342,18 @@ def configured_rule(select) -> str:
     return "argmax" if select.decision_rule == "none" else select.decision_rule
 
 
+def calibrated(method: str, y_val, p_val, *others):
+    """``(p_val, *others)`` under the calibration ``method`` (``select.calibration``) fitted on
+    (``y_val``, ``p_val``), as ``select`` calibrates the twin's export; ``none`` returns them as
+    they are, and a None in ``others`` stays None."""
+    from pipeline.core.calibration import apply_calibration, fit_calibration
+
+    if method == "none":
+        return (p_val, *others)
+    temperature, bias, _ = fit_calibration(y_val, p_val, method)
+    return tuple(None if p is None else apply_calibration(p, temperature, bias) for p in (p_val, *others))
+
+
 def baseline_report(y_val, p_val, y_test, p_test, sites, extra_sites, y_ext, p_ext, select, ci=None) -> dict:
     """A baseline's figures under the twin's decision rule (``select.decision_rule``), fitted the
     same way on the baseline's own val probabilities, so the headline BA compares models, not rules;
@@ -572,7 +584,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         "external": twin_ext, "rules": rules,
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
-        "device": best["device"], "best_epoch": best["epoch"],
+        "device": best["device"], "best_epoch": best["epoch"], "calibration": exported.meta.get("calibration"),
         # every epoch's losses and seconds: a run stopped later still says how its twin trained
         "history": json.loads((layout.train_dir / "history.json").read_text()),
     }}  # fmt: skip
@@ -602,8 +614,9 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
             tta = tta_of(exported.meta)  # the twin export's views, so both are scored alike
             p_ext = _probs(model, ext_b, ds, tta) if ext_b is not None else None
             p_te = _probs(model, x_te_b, ds, tta)
-            report = baseline_report(y_va, _probs(model, x_va, ds, tta), y_te, p_te, sites, extra_sites, ext_y, p_ext,
-                                     cfg.select, ci)
+            # and the twin's calibration method, fitted on the baseline's own val probabilities
+            p_va, p_te, p_ext = calibrated(cfg.select.calibration, y_va, _probs(model, x_va, ds, tta), p_te, p_ext)
+            report = baseline_report(y_va, p_va, y_te, p_te, sites, extra_sites, ext_y, p_ext, cfg.select, ci)
             pred_te, pred_ext = report.pop("labels")
             write_predictions(kept, name, "test", test["image_id"], y_te, p_te, pred_te)
             if p_ext is not None:

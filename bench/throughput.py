@@ -110,11 +110,13 @@ def bench_infer(cfg, device_name: str, batch: int, iters: int, warmup: int) -> d
 
 def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict:
     """Batch 1 through the shared inference path that predict, pyfunc and evaluate use: the export's
-    colour constancy (``augment.color_constancy``), test-time augmentation (``select.tta``) and a
-    decision rule with per-class offsets, from a uint8 image at the model size to a class index."""
+    colour constancy (``augment.color_constancy``), test-time augmentation (``select.tta``), the
+    calibration (``select.calibration``) and a decision rule with per-class offsets, from a uint8
+    image at the model size to a class index."""
     import numpy as np
     from types import SimpleNamespace
 
+    from pipeline.core.calibration import calibration_meta
     from pipeline.core.decision import decision_meta
     from pipeline.core.inference import inference_ready, predict_batch_uint8, predicted_labels
 
@@ -125,6 +127,9 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
     meta = {"num_classes": NUM_CLASSES, "tta": cfg.select.tta,
             "preprocess": {"color_constancy": cfg.augment.color_constancy, "sog_power": cfg.augment.sog_power},
             "decision": decision_meta(np.linspace(-0.5, 0.5, NUM_CLASSES))}  # fmt: skip
+    if cfg.select.calibration != "none":  # a fitted map costs the same whatever its numbers
+        bias = np.linspace(-0.3, 0.3, NUM_CLASSES) if cfg.select.calibration == "temperature_bias" else np.zeros(NUM_CLASSES)
+        meta["calibration"] = calibration_meta(cfg.select.calibration, 0.9, bias)
     exported = SimpleNamespace(model=model, meta=meta)
     img = np.random.default_rng(0).integers(0, 256, (1, 3, s, s), dtype=np.uint8)
 
@@ -135,7 +140,8 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
     dt = _timed(once, ds.device, warmup, iters)
     # the predict path runs the export as loaded: float32, channels-last (no autocast)
     return {"device": f"{ds.device} fp32 channels_last", "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
-            "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta, "decision": "offsets"}
+            "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta,
+            "calibration": cfg.select.calibration, "decision": "offsets"}
 
 
 def main(argv: list[str] | None = None) -> int:

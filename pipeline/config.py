@@ -421,6 +421,11 @@ class SelectConfig(_Section):
     # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views).
     # The decision rule is fitted on the probabilities this produces.
     tta: Literal["none", "flips"] = "none"
+    # Calibration of the reported probabilities, fitted on val by maximum likelihood and stored in
+    # the export (config.json "calibration"; pipeline.core.calibration): none | temperature
+    # (softmax(log p / T)) | temperature_bias (softmax(log p / T + b), one bias per class). The
+    # decision rule is fitted after it, on the calibrated val probabilities.
+    calibration: Literal["none", "temperature", "temperature_bias"] = "none"
     # Images per forward pass and decoding threads when scoring the val split for the rule.
     batch_size: int = Field(64, ge=1, le=1_000_000)
     cache_workers: int = Field(4, ge=1, le=256)

@@ -126,6 +126,20 @@ def test_rule_comparison_fits_on_val_and_scores_test_and_external():
     json.dumps(res, allow_nan=False)
 
 
+def test_baselines_get_the_twins_calibration_method_fitted_on_their_own_val():
+    from pipeline.core.calibration import apply_calibration, fit_calibration
+
+    rng = np.random.default_rng(6)
+    (yv, pv), (yt, pt) = _skewed(rng, 30), _skewed(rng, 30)
+    same = quality.calibrated("none", yv, pv, pt, None)
+    assert same[0] is pv and same[1] is pt and same[2] is None
+    cv, ct, ce = quality.calibrated("temperature_bias", yv, pv, pt, None)
+    temperature, bias, _ = fit_calibration(yv, pv, "temperature_bias")
+    np.testing.assert_allclose(ct, apply_calibration(pt, temperature, bias), atol=1e-12)
+    np.testing.assert_allclose(cv, apply_calibration(pv, temperature, bias), atol=1e-12)
+    assert ce is None and not np.allclose(ct, pt, atol=1e-3)
+
+
 def test_baselines_are_scored_under_the_twins_rule_fitted_on_their_own_val():
     from pipeline.config import SelectConfig
 

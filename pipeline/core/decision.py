@@ -23,7 +23,8 @@ the registry gate all go through it):
       (bench/README.md, issue 12 trials).
     Both correct the class prior the network learned from the balanced copies without dividing by
     the training-set prior (which over-shoots). The probabilities themselves are **not** changed: the
-    reported probabilities stay the network's softmax; only the label moves.
+    reported probabilities stay the export's (the softmax, calibrated when the export carries a
+    :mod:`pipeline.core.calibration` map, which is fitted first); only the label moves.
 
 :func:`fit_offsets` is coordinate ascent over a bounded grid: starting at 0, each class in turn
 takes the grid value in ``[-limit, limit]`` that maximises validation balanced accuracy with the

@@ -9,10 +9,11 @@ them predict the same numbers and labels for the same pixels:
 
 * :func:`predict_batch_uint8` -- probabilities: the softmax of the network, or with the export's
   ``tta: flips`` the mean of the softmax over the 8 flip/transpose views of each image
-  (:data:`TTA_VIEWS`, the dihedral group of the square: lesions have no orientation).
+  (:data:`TTA_VIEWS`, the dihedral group of the square: lesions have no orientation), then the
+  export's ``calibration`` (:mod:`pipeline.core.calibration`; identity for exports without one).
 * :func:`predicted_labels` -- labels from probabilities under the export's decision rule
   (:mod:`pipeline.core.decision`: ``argmax`` or fitted log-probability ``offsets``), or plain
-  arg-max when asked (``predict.decision: argmax``). The probabilities are never adjusted.
+  arg-max when asked (``predict.decision: argmax``). The rule never adjusts the probabilities.
 
 Every path runs the network as :func:`inference_ready` leaves it: eval mode, channels-last memory
 format (this mostly-depthwise network runs about 20 % faster that way on the CPU, batch 1 and 64
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pipeline.core.calibration import apply_calibration, calibration_of
 from pipeline.core.cam import cam_for
 from pipeline.core.decision import apply_offsets, offsets_of
 from pipeline.core.imaging import color_constancy, resize_square, to_model_input, to_rgb
@@ -133,7 +135,9 @@ def view_probs(model: torch.nn.Module, x: torch.Tensor, mode: str, first_row: in
 @torch.no_grad()
 def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 (N, 3, S, S) already at the model size (not yet colour-corrected) -> probabilities
-    (N, C) float64 summing to 1, under the export's colour constancy and test-time augmentation.
+    (N, C) float64 summing to 1, under the export's colour constancy, test-time augmentation and
+    calibration (applied to each image's view-averaged probabilities, so a row does not depend on
+    the batch it comes in).
 
     Non-finite logits (a broken model) raise :class:`PipelineError` instead of giving probabilities."""
     model = exported.model
@@ -147,7 +151,9 @@ def predict_batch_uint8(exported: Model, batch_uint8: np.ndarray, batch_size: in
     if not probs:
         return np.zeros((0, int(exported.meta["num_classes"])), dtype=np.float64)
     p = np.concatenate(probs)
-    return p / p.sum(axis=1, keepdims=True)
+    p = p / p.sum(axis=1, keepdims=True)
+    temperature, bias = calibration_of(exported.meta)
+    return p if bias is None else apply_calibration(p, temperature, bias)
 
 
 def predict_proba(exported: Model, images: Sequence[np.ndarray | Image.Image], batch_size: int) -> np.ndarray:
@@ -176,7 +182,7 @@ def probabilities_frame(
 def cam_of(exported: Model, image_chw: np.ndarray, class_idx: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """CAM (H, W) in [0, 1] of one uint8 (3, H, W) image at the model size (after the export's
     colour constancy, without test-time augmentation), the class it shows and the single-view
-    probabilities (patent S4). ``class_idx`` None: the single view's arg-max class; callers pass
+    softmax, uncalibrated (patent S4). ``class_idx`` None: the single view's arg-max class; callers pass
     the label :func:`predicted_labels` chose so the map explains the reported label."""
     x = to_model_input(torch.from_numpy(apply_preprocess(np.array(image_chw[None]), exported.meta)))
     return cam_for(exported.model, x, class_idx)

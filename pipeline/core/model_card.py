@@ -17,6 +17,13 @@ from pipeline.labels import CLASSES
 DESCRIPTION_LIMIT = 5000  # MLflow's model-version description column
 
 
+def _calibration(export: dict[str, Any]) -> str:
+    """``none`` or e.g. ``temperature_bias (T 0.901)`` from an export's ``config.json``."""
+    cal = export.get("calibration") or {}
+    method = str(cal.get("method", "none"))
+    return method if method == "none" else f"{method} (T {_num(cal.get('temperature'))})"
+
+
 def _num(v: Any, digits: int = 3) -> str:
     if v is None:
         return "n/a"
@@ -100,7 +107,7 @@ def model_card(
         f"(branch 1) vs {_num(export.get('val_loss_branch2'), 4)} (branch 2), best epoch {export.get('best_epoch')}; "
         f"{res} x {res} px input, {export.get('params_inference')} parameters. "
         f"Inference: colour constancy {(export.get('preprocess') or {}).get('color_constancy', 'none')}, "
-        f"test-time augmentation {export.get('tta', 'none')}, decision rule "
+        f"test-time augmentation {export.get('tta', 'none')}, calibration {_calibration(export)}, decision rule "
         f"{(export.get('decision') or {}).get('rule', 'argmax')} (the evaluation above uses it; arg-max balanced "
         f"accuracy {_num(metrics.get('argmax_balanced_accuracy', metrics.get('balanced_accuracy')))}).",
         "",
@@ -121,7 +128,8 @@ def model_card(
         "- Class imbalance: rarest training classes "
         + ", ".join(f"{c} ({n})" for n, c in rare)
         + "; their recall is the least reliable.",
-        f"- Calibration: ECE {_num(metrics.get('ece'))}; probabilities are not risk estimates.",
+        f"- Calibration: ECE {_num(metrics.get('ece'))} (calibration {_calibration(export)}, fitted on the validation "
+        "split); probabilities are not risk estimates.",
         "- Trained and tested on one distribution; performance on other sources is unknown.",
     ]
     if synthetic:

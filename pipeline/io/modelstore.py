@@ -23,17 +23,21 @@ The ``select`` stage (:mod:`pipeline.stages.select`) picks the branch
 files, so a folder is verified before anything in it is used.
 
 How the model is *used* is recorded beside it, and every consumer applies it through
-:mod:`pipeline.core.inference` (all three keys are optional: an export written before them loads as
-arg-max, no colour constancy, no TTA):
+:mod:`pipeline.core.inference` (all four keys are optional: an export written before them loads as
+arg-max, no colour constancy, no TTA, no calibration):
 
 ``preprocess``
     ``{color_constancy: none|shades_of_gray, sog_power}`` -- the colour constancy of training
     (``augment.color_constancy``), applied to every resized image before the network.
 ``tta``
     ``none`` | ``flips`` (``select.tta``): probabilities are the mean over the 8 flip/transpose views.
+``calibration``
+    ``{method: none|temperature|temperature_bias, temperature, bias: [7 floats] | null}``
+    (``select.calibration``): every reported probability is ``softmax(log p / temperature + bias)``
+    of the (view-averaged) softmax ``p``.
 ``decision``
     ``{rule: argmax|offsets, offsets: [7 floats] | null}`` (``select.decision_rule``): the label
-    is ``argmax(log p + offsets)``; the probabilities stay the softmax.
+    is ``argmax(log p + offsets)`` of the reported (calibrated) probabilities, which it never changes.
 
 :func:`load_exported` rebuilds the eager model from ``config.json`` + ``weights.pt`` (used by
 ``evaluate``, ``predict``, the registry gate and the MLflow pyfunc) and **verifies** the folder
@@ -58,6 +62,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import ModelConfig
+from pipeline.core.calibration import A_MAX, A_MIN
 from pipeline.core.inference import inference_ready
 from pipeline.core.model import build_inference
 from pipeline.core.selection import EXPORT_FORMAT
@@ -85,6 +90,31 @@ class DecisionMeta(BaseModel):
                 raise ValueError("offsets must be within [-100, 100]")
         elif self.offsets is not None:
             raise ValueError("rule 'argmax' takes no offsets (set them to null)")
+        return self
+
+
+class CalibrationMeta(BaseModel):
+    """``calibration`` of ``config.json``: the map applied to every reported probability
+    (:mod:`pipeline.core.calibration`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal["none", "temperature", "temperature_bias"] = "none"
+    temperature: float = Field(1.0, ge=1 / A_MAX, le=1 / A_MIN)
+    bias: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _bias(self) -> CalibrationMeta:
+        if self.method == "none":
+            if self.temperature != 1.0 or self.bias is not None:
+                raise ValueError("method 'none' takes temperature 1 and no bias (set it to null)")
+            return self
+        if self.bias is None or len(self.bias) != len(CLASSES):
+            raise ValueError(f"method {self.method!r} needs {len(CLASSES)} biases, got {self.bias}")
+        if any(abs(v) > 100 for v in self.bias):
+            raise ValueError("biases must be within [-100, 100]")
+        if self.method == "temperature" and any(v != 0 for v in self.bias):
+            raise ValueError("method 'temperature' takes zero biases")
         return self
 
 
@@ -121,6 +151,7 @@ class ExportMeta(BaseModel):
     decision: DecisionMeta = DecisionMeta()
     preprocess: PreprocessMeta = PreprocessMeta()
     tta: Literal["none", "flips"] = "none"
+    calibration: CalibrationMeta = CalibrationMeta()
 
     @field_validator("format")
     @classmethod

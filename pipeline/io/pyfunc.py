@@ -6,12 +6,12 @@
     serving request sends base64-encoded) and returns a DataFrame with ``label`` (the class the
     export's decision rule picks: :func:`pipeline.core.inference.predicted_labels`, arg-max for
     exports without a rule) and the seven class probabilities, one column per class in
-    :data:`pipeline.labels.CLASSES` order (the softmax, with the export's test-time augmentation;
-    the rule never changes them). Preprocessing is the project's own
+    :data:`pipeline.labels.CLASSES` order (the softmax, with the export's test-time augmentation
+    and calibration; the rule never changes them). Preprocessing is the project's own
     (:func:`pipeline.core.inference.predict_proba`: RGB, square resize to the model size, the
     export's colour constancy, normalisation), so it predicts exactly what the exported model
-    folder predicts with ``predict``, ``evaluate`` and the gate. Colour constancy, TTA and the
-    decision rule come from the export's ``config.json``, never from the serving side's params. The export
+    folder predicts with ``predict``, ``evaluate`` and the gate. Colour constancy, TTA, calibration and
+    the decision rule come from the export's ``config.json``, never from the serving side's params. The export
     folder (``weights.pt``, ``config.json``, ``model.ts``) travels inside the MLflow model under
     ``data/export`` and the ``pipeline`` package under ``code/``; no pickled Python objects.
 ``pytorch``

@@ -15,6 +15,10 @@ fitted on the **validation** split (``data/augmented``, scored exactly as infere
 :func:`pipeline.core.inference.predict_batch_uint8`) to maximise balanced accuracy -- seven free
 offsets (:func:`pipeline.core.decision.fit_offsets`) or the model's class prior divided out to one
 fitted power (:func:`pipeline.core.decision.fit_prior_power`). ``none`` records plain arg-max.
+Before the rule, with ``select.calibration`` other than ``none``, it fits the calibration of the
+reported probabilities on the same val probabilities (maximum likelihood:
+:func:`pipeline.core.calibration.fit_calibration`), records it, and fits the rule on the calibrated
+probabilities -- the numbers ``predict`` will report.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, ModelConfig
+from pipeline.core.calibration import apply_calibration, calibration_meta, fit_calibration
 from pipeline.core.decision import decision_meta, fit_rule
 from pipeline.core.inference import inference_ready, predict_batch_uint8
 from pipeline.core.model import build_twin, count_parameters, inference_model
@@ -56,9 +61,20 @@ def run_select(cfg: Config) -> dict[str, Any]:
     meta = build_meta(best, selected, count_parameters(inf))
     meta["tta"] = cfg.select.tta
     fit: dict[str, Any] = {}
-    if cfg.select.decision_rule != "none":
-        offsets, fit = fit_decision(ExportedModel(model=inf, meta=meta), cfg, layout)
-        meta["decision"] = decision_meta(offsets)
+    cal: dict[str, Any] = {}
+    if cfg.select.decision_rule != "none" or cfg.select.calibration != "none":
+        y, probs = val_probabilities(ExportedModel(model=inf, meta=meta), cfg, layout)
+        if cfg.select.calibration != "none":
+            temperature, bias, cal = fit_calibration(y, probs, cfg.select.calibration)
+            meta["calibration"] = calibration_meta(cfg.select.calibration, temperature, bias)
+            probs = apply_calibration(probs, temperature, bias)  # what predict_batch_uint8 now reports
+            log.info("calibration %s: temperature %.3f, biases %s; val NLL %.4f -> %.4f", cfg.select.calibration,
+                     temperature, np.round(bias, 2).tolist(), cal["nll_before"], cal["nll_after"])
+        if cfg.select.decision_rule != "none":
+            offsets, fit = fit_rule(cfg.select.decision_rule, y, probs, cfg.select)
+            log.info("decision rule: val balanced accuracy %.4f (arg-max) -> %.4f (offsets %s)",
+                     fit["balanced_accuracy_argmax"], fit["balanced_accuracy_offsets"], np.round(offsets, 2).tolist())
+            meta["decision"] = decision_meta(offsets)
     with atomic_dir(layout.export_dir) as tmp:
         meta = export_inference(inf, meta, tmp)
     log.info("selected branch %d (val loss %.4f vs %.4f) of epoch %d -> %s", selected, meta["val_loss_branch1"],
@@ -76,20 +92,19 @@ def run_select(cfg: Config) -> dict[str, Any]:
         "decision_fit": cfg.select.decision_rule,
         **({"decision_prior_power": fit["power"]} if "power" in fit else {}),
         "tta": meta["tta"],
+        "calibration": cfg.select.calibration,
+        **({"calibration_temperature": meta["calibration"]["temperature"],
+            "val_nll_uncalibrated": cal["nll_before"], "val_nll_calibrated": cal["nll_after"]} if cal else {}),
         **{f"val_{k}": v for k, v in fit.items() if k.startswith("balanced_accuracy")},
     }
 
 
-def fit_decision(exported: ExportedModel, cfg: Config, layout: Layout) -> tuple[np.ndarray, dict[str, Any]]:
-    """Offsets maximising balanced accuracy on the val split (``select.decision_rule``: seven free
-    offsets or one prior power), scored like inference scores."""
+def val_probabilities(exported: ExportedModel, cfg: Config, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the val split, scored exactly as inference scores (the export's
+    colour constancy and views; no calibration yet: ``exported`` carries none)."""
     aug = read_parquet(layout.augmented_manifest, "augment", AUGMENTED_COLUMNS)
-    val = split_rows(aug, "val", str(layout.augmented_manifest), "the decision rule is fitted on the val split")
+    val = split_rows(aug, "val", str(layout.augmented_manifest), "the calibration and the decision rule are fitted on the val split")
     y = label_index(val, str(layout.augmented_manifest))
     images = load_images(val, layout.augmented_dir, exported.image_size, cfg, name="select-val",
                          workers=cfg.select.cache_workers)
-    probs = predict_batch_uint8(exported, images, cfg.select.batch_size)
-    offsets, info = fit_rule(cfg.select.decision_rule, y, probs, cfg.select)
-    log.info("decision rule: val balanced accuracy %.4f (arg-max) -> %.4f (offsets %s)",
-             info["balanced_accuracy_argmax"], info["balanced_accuracy_offsets"], np.round(offsets, 2).tolist())
-    return offsets, info
+    return y, predict_batch_uint8(exported, images, cfg.select.batch_size)
