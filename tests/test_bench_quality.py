@@ -219,6 +219,7 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
             twin_ba, base_ba = (run["models"][m]["test"]["overall"]["balanced_accuracy"] for m in ("twin", name))
             assert d["test"]["balanced_accuracy"]["difference"] == pytest.approx(twin_ba - base_ba)
         assert run["models"]["twin"]["test"]["overall"]["intervals"]["samples"] == 1000
+        assert run["models"]["twin"]["calibration"]["method"] == "temperature_bias"  # params-real's, recorded
     # every model's labels and probabilities kept per run and set, as bench/compare.py reads them
     from pipeline.core.metrics import classification_metrics
     from pipeline.labels import CLASS_TO_INDEX
