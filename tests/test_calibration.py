@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_decision import _export
+from test_decision import _export, assert_refused_with
 
 from pipeline.core.calibration import A_MAX, A_MIN, apply_calibration, calibration_meta, calibration_of, fit_calibration
-from pipeline.errors import DataError
 from pipeline.labels import CLASSES
 
 
@@ -145,14 +144,7 @@ def test_every_consumer_reports_the_calibrated_probabilities(tmp_path: Path) -> 
      ({"method": "platt", "temperature": 1.0, "bias": None}, "calibration.method")],
 )
 def test_bad_calibration_in_config_json_is_refused(tmp_path: Path, calibration: dict, needle: str) -> None:
-    from pipeline.io.modelstore import load_exported
-
-    folder = _export(tmp_path)
-    meta = json.loads((folder / "config.json").read_text())
-    meta["calibration"] = calibration
-    (folder / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=needle):
-        load_exported(folder)
+    assert_refused_with(tmp_path, "calibration", calibration, needle)
 
 
 def test_select_fits_calibration_then_the_rule_on_the_calibrated_val_probabilities(tmp_path: Path) -> None:

@@ -186,11 +186,16 @@ def test_old_export_without_the_new_keys_loads_as_argmax(tmp_path: Path) -> None
      ({"rule": "vote"}, "decision.rule")],
 )
 def test_bad_decision_in_config_json_is_refused(tmp_path: Path, decision: dict, needle: str) -> None:
+    assert_refused_with(tmp_path, "decision", decision, needle)
+
+
+def assert_refused_with(tmp_path: Path, key: str, value: object, needle: str) -> None:
+    """An export whose ``config.json`` has ``key: value`` does not load: DataError matching ``needle``."""
     from pipeline.io.modelstore import load_exported
 
     folder = _export(tmp_path)
     meta = json.loads((folder / "config.json").read_text())
-    meta["decision"] = decision
+    meta[key] = value
     (folder / "config.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=needle):
         load_exported(folder)

@@ -82,35 +82,36 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _objective(lp: np.ndarray, y: np.ndarray, theta: np.ndarray, free: np.ndarray) -> float:
-    """Mean NLL of ``softmax(a * lp + b)`` plus the bias ridge; ``theta = [a, b over free classes]``."""
-    b = np.zeros(lp.shape[1])
-    b[free] = theta[1:]
-    z = theta[0] * lp + b[None, :]
+def _logits(lp: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """``a * lp + b`` for ``theta = [a]`` (temperature only) or ``[a, b_1 .. b_C]``."""
+    return theta[0] * lp + (theta[1:][None, :] if theta.shape[0] > 1 else 0.0)
+
+
+def _objective(lp: np.ndarray, y: np.ndarray, theta: np.ndarray) -> float:
+    """Mean NLL of ``softmax(a * lp + b)`` plus the bias ridge."""
+    z = _logits(lp, theta)
     zmax = z.max(axis=1, keepdims=True)
     lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
     return float((lse - z[np.arange(len(y)), y]).mean() + BIAS_RIDGE * float(theta[1:] @ theta[1:]))
 
 
-def _newton(lp: np.ndarray, y: np.ndarray, theta: np.ndarray, free: np.ndarray, fit_a: bool) -> np.ndarray:
+def _newton(lp: np.ndarray, y: np.ndarray, theta: np.ndarray, fit_a: bool) -> np.ndarray:
     """Damped Newton on :func:`_objective` over ``theta`` (``a`` held when not ``fit_a``)."""
     n, c = lp.shape
     onehot = np.zeros((n, c))
     onehot[np.arange(n), y] = 1.0
-    # feature of class k for parameter j: d z_k / d theta_j
-    feats = np.zeros((n, c, 1 + int(free.sum())))
+    # d z_k / d theta_j: lp_k for a, and 1 for the bias of class k
+    feats = np.zeros((n, c, theta.shape[0]))
     feats[:, :, 0] = lp
-    for j, k in enumerate(np.flatnonzero(free)):
-        feats[:, k, 1 + j] = 1.0
+    if theta.shape[0] > 1:
+        feats[:, np.arange(c), 1 + np.arange(c)] = 1.0
     ridge = np.full(theta.shape[0], 2 * BIAS_RIDGE)
     ridge[0] = 0.0
     mask = np.ones(theta.shape[0], dtype=bool)
     mask[0] = fit_a
-    f = _objective(lp, y, theta, free)
+    f = _objective(lp, y, theta)
     for _ in range(_MAX_STEPS):
-        b = np.zeros(c)
-        b[free] = theta[1:]
-        q = _softmax(theta[0] * lp + b[None, :])
+        q = _softmax(_logits(lp, theta))
         mean_feat = np.einsum("nk,nkj->nj", q, feats)
         grad = np.einsum("nk,nkj->j", q - onehot, feats) / n + ridge * theta
         hess = (np.einsum("nk,nkj,nki->ji", q, feats, feats) - mean_feat.T @ mean_feat) / n + np.diag(ridge)
@@ -122,7 +123,7 @@ def _newton(lp: np.ndarray, y: np.ndarray, theta: np.ndarray, free: np.ndarray, 
         t = 1.0
         while t > 1e-8:
             trial = theta + t * step
-            f_trial = _objective(lp, y, trial, free)
+            f_trial = _objective(lp, y, trial)
             if f_trial <= f + 1e-4 * t * float(g @ step[mask]):
                 break
             t *= 0.5
@@ -154,17 +155,16 @@ def fit_calibration(y_true: np.ndarray, probs: np.ndarray, method: str) -> tuple
     present = np.bincount(y, minlength=c) > 0
     # the likelihood of the val labels among the classes val has (see the module docstring)
     lp_fit, y_fit = lp[:, present], np.cumsum(present)[y] - 1
-    free = np.full(int(present.sum()), method == "temperature_bias")
-    theta = np.zeros(1 + int(free.sum()))
+    theta = np.zeros(1 + (int(present.sum()) if method == "temperature_bias" else 0))
     theta[0] = 1.0
     before = _nll(lp, y)
-    theta = _newton(lp_fit, y_fit, theta, free, fit_a=method != "none")
+    theta = _newton(lp_fit, y_fit, theta, fit_a=method != "none")
     bounded = not (A_MIN <= theta[0] <= A_MAX)
     if bounded:
         theta[0] = min(max(theta[0], A_MIN), A_MAX)
-        theta = _newton(lp_fit, y_fit, theta, free, fit_a=False)
+        theta = _newton(lp_fit, y_fit, theta, fit_a=False)
     bias = np.zeros(c)
-    if free.any():
+    if theta.shape[0] > 1:
         bias[present] = theta[1:]
     temperature = float(np.round(1.0 / theta[0], 10))
     bias = np.round(bias, 10) + 0.0  # + 0.0: no -0.0 in config.json
