@@ -5,12 +5,15 @@ Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inp
 pipeline is not measured: training reads a decoded uint8 cache; the training row does include the
 online views of those uint8 batches, ``train.online_flip`` and ``train.online_*``, host to device).
 Runs on CPU and, when present, on CUDA. The training and plain inference rows use training's AMP /
-channels_last choices (:mod:`pipeline.io.compute`); the predict-path row runs the model as
-predict, pyfunc and evaluate load it (float32, channels-last:
-:func:`pipeline.core.inference.inference_ready`). Prints a table and writes
+channels_last choices (:mod:`pipeline.io.compute`); the inference rows run the network with its
+batch norm folded into the convs, as every inference path does
+(:func:`pipeline.core.model.fold_batch_norm`); the predict-path row runs the model as predict,
+pyfunc and evaluate load it (float32, BN folded, channels-last:
+:func:`pipeline.core.inference.inference_ready`). ``--unfolded`` runs the inference rows with the
+plain eval-mode network instead (what the fold saves). Prints a table and writes
 ``bench/results/throughput.json`` (gitignored).
 
-    python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu]
+    python bench/throughput.py [--params params.yaml] [--set k=v ...] [--steps 20] [--device cpu] [--unfolded]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.losses import joint_loss  # noqa: E402
-from pipeline.core.model import build_twin, count_parameters, inference_model  # noqa: E402
+from pipeline.core.model import build_twin, count_parameters, fold_batch_norm, inference_model  # noqa: E402
 from pipeline.core.training import OnlineAugment, build_optimizer, float_output  # noqa: E402
 from pipeline.io.compute import resolve_device  # noqa: E402
 from pipeline.io.files import write_json  # noqa: E402
@@ -84,10 +87,11 @@ def bench_train(cfg, device_name: str, steps: int, warmup: int) -> dict:
 
 
 @torch.no_grad()
-def bench_infer(cfg, device_name: str, batch: int, iters: int, warmup: int) -> dict:
+def bench_infer(cfg, device_name: str, batch: int, iters: int, warmup: int, fold: bool = True) -> dict:
     ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
     torch.manual_seed(0)
     model = inference_model(build_twin(cfg.model, NUM_CLASSES), 0).eval().to(ds.device)
+    model = fold_batch_norm(model) if fold else model
     if ds.channels_last:
         model.to(memory_format=torch.channels_last)
     s = cfg.augment.image_size
@@ -105,14 +109,14 @@ def bench_infer(cfg, device_name: str, batch: int, iters: int, warmup: int) -> d
     _sync(ds.device)
     dt = time.perf_counter() - t0
     return {"device": ds.describe(), "batch": batch, "iters": iters, "ms_per_image": dt / (iters * batch) * 1000,
-            "images_per_s": iters * batch / dt}
+            "images_per_s": iters * batch / dt, "bn_folded": fold}
 
 
-def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict:
+def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int, fold: bool = True) -> dict:
     """Batch 1 through the shared inference path that predict, pyfunc and evaluate use: the export's
     colour constancy (``augment.color_constancy``), test-time augmentation (``select.tta``), the
     calibration (``select.calibration``) and a decision rule with per-class offsets, from a uint8
-    image at the model size to a class index."""
+    image at the model size to a class index (``fold=False``: the network without its BN folded)."""
     import numpy as np
     from types import SimpleNamespace
 
@@ -122,7 +126,8 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
 
     ds = resolve_device(cfg.train.model_copy(update={"device": device_name}))
     torch.manual_seed(0)
-    model = inference_ready(inference_model(build_twin(cfg.model, NUM_CLASSES), 0).to(ds.device))
+    plain = inference_model(build_twin(cfg.model, NUM_CLASSES), 0).to(ds.device)
+    model = inference_ready(plain) if fold else plain.eval().to(memory_format=torch.channels_last)
     s = cfg.augment.image_size
     meta = {"num_classes": NUM_CLASSES, "tta": cfg.select.tta,
             "preprocess": {"color_constancy": cfg.augment.color_constancy, "sog_power": cfg.augment.sog_power},
@@ -138,10 +143,10 @@ def bench_pipeline_infer(cfg, device_name: str, iters: int, warmup: int) -> dict
             predicted_labels(exported, predict_batch_uint8(exported, img, 1))
 
     dt = _timed(once, ds.device, warmup, iters)
-    # the predict path runs the export as loaded: float32, channels-last (no autocast)
+    # the predict path runs the export as loaded: float32, BN folded, channels-last (no autocast)
     return {"device": f"{ds.device} fp32 channels_last", "batch": 1, "iters": iters, "ms_per_image": dt / iters * 1000,
             "color_constancy": cfg.augment.color_constancy, "tta": cfg.select.tta,
-            "calibration": cfg.select.calibration, "decision": "offsets"}
+            "calibration": cfg.select.calibration, "decision": "offsets", "bn_folded": fold}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", action="append", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    ap.add_argument("--unfolded", action="store_true", help="inference rows without folding BN into the convs")
     ns = ap.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -174,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"].append({"kind": "train", **tr})
         for batch in (1, 256):
             iters = (200 if batch == 1 else 20) if fast else (50 if batch == 1 else 3)
-            result["runs"].append({"kind": "infer", **bench_infer(cfg, dev, batch, iters, warmup=10 if fast else 2)})
-        result["runs"].append({"kind": "pipeline", **bench_pipeline_infer(cfg, dev, 200 if fast else 50, warmup=5)})
+            row = bench_infer(cfg, dev, batch, iters, warmup=10 if fast else 2, fold=not ns.unfolded)
+            result["runs"].append({"kind": "infer", **row})
+        row = bench_pipeline_infer(cfg, dev, 200 if fast else 50, warmup=5, fold=not ns.unfolded)
+        result["runs"].append({"kind": "pipeline", **row})
     print(f"params: train {result['params_train']:,}  inference {result['params_inference']:,}  "
-          f"image {result['image_size']}px  torch {result['torch']}  threads {result['cpu_threads']}")
+          f"image {result['image_size']}px  torch {result['torch']}  threads {result['cpu_threads']}  "
+          f"BN {'not folded' if ns.unfolded else 'folded'}")
     print(f"{'what':<22}{'device':<30}{'value':>14}")
     for r in result["runs"]:
         if r["kind"] == "train":

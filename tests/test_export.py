@@ -102,10 +102,10 @@ def test_portable_module_matches_eager(tmp_path: Path) -> None:
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
 
 
-def test_inference_runs_channels_last_and_the_files_stay_in_the_default_format(tmp_path: Path) -> None:
-    """Every inference path gets the model channels-last (faster on the CPU); the export's files are
-    written in the default format whatever the format of the model handed in, and the loaded model
-    gives the default-format model's outputs."""
+def test_inference_runs_folded_and_channels_last_and_the_files_stay_as_trained(tmp_path: Path) -> None:
+    """Every inference path gets a copy with its batch norm folded into the convs, channels-last
+    (faster on the CPU); the export's files are the trained state dict in the default format
+    whatever the format of the model handed in, and the loaded model gives the plain model's outputs."""
     from pipeline.core.inference import inference_ready
     from pipeline.core.model import build_twin, count_parameters, inference_model
     from pipeline.core.selection import build_meta
@@ -114,8 +114,13 @@ def test_inference_runs_channels_last_and_the_files_stay_in_the_default_format(t
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
     plain = inference_model(build_twin(cfg.model, 7), 0).eval()
-    fast = inference_ready(inference_model(build_twin(cfg.model, 7), 0))
-    fast.load_state_dict(plain.state_dict())
+    for bn in (m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # a trained look
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+    trained = {k: v.clone() for k, v in plain.state_dict().items()}
+    fast = inference_ready(plain)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in trained.items())  # the argument is untouched
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert not fast.training
@@ -123,16 +128,19 @@ def test_inference_runs_channels_last_and_the_files_stay_in_the_default_format(t
             "val_loss_branch1": 0.1, "val_loss_branch2": 0.2}
     folder = tmp_path / "exp"
     folder.mkdir()
-    export_inference(fast, build_meta(best, 1, count_parameters(fast)), folder)
+    export_inference(plain.to(memory_format=torch.channels_last), build_meta(best, 1, count_parameters(plain)), folder)
     saved = torch.load(folder / "weights.pt", weights_only=True)
     assert all(v.is_contiguous() for v in saved.values())
-    assert all(torch.equal(saved[k], v) for k, v in plain.state_dict().items())
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], v) for k, v in trained.items())
     loaded = load_exported(folder).model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
                for m in loaded.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(loaded(x), plain(x), atol=1e-5, rtol=1e-4)
+        expect = plain(x)
+        torch.testing.assert_close(loaded(x), expect, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast(x), expect, atol=1e-5, rtol=1e-4)
 
 
 def test_select_without_training_names_the_file(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,9 @@ from pipeline.core.model import (
     TwinOutput,
     build_inference,
     build_twin,
+    InstanceBatchNorm,
     count_parameters,
+    fold_batch_norm,
     inference_model,
 )
 
@@ -173,3 +176,46 @@ def test_count_parameters() -> None:
     lin.bias.requires_grad_(False)
     assert count_parameters(lin, trainable_only=True) == 12
     assert isinstance(build_twin(TINY), TwinNet)
+
+
+def _trained_look(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch-norm statistics and affine parameters far from their initial identity, as after training."""
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.3, 3)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("ibn", ["none", "extractor"])
+def test_fold_batch_norm_computes_the_same_function_without_batch_norm(ibn: str) -> None:
+    """The folded copy has no BatchNorm2d (InstanceBatchNorm stays), gives the eval-mode outputs, feature
+    maps and CAM of the original, and leaves the original, its mode and its state dict alone."""
+    from pipeline.core.cam import cam_for
+
+    model = _trained_look(build_inference(TINY.model_copy(update={"ibn": ibn}), 7)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model)
+    assert model.training and not folded.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 5
+    kept = sum(isinstance(m, InstanceBatchNorm) for m in folded.modules())
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in folded.modules()) == kept  # each IBN's batch half only
+    assert kept == sum(isinstance(m, InstanceBatchNorm) for m in model.modules()) and (kept > 0) == (ibn != "none")
+    assert isinstance(folded, InferenceModel)
+    model.eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(folded.feature_map(x), model.feature_map(x), atol=1e-5, rtol=1e-4)
+    cam_a, cls_a, _ = cam_for(model, x[:1])
+    cam_b, cls_b, _ = cam_for(folded, x[:1])
+    assert cls_a == cls_b
+    np.testing.assert_allclose(cam_a, cam_b, atol=1e-4)
+
+
+def test_fold_batch_norm_leaves_a_batch_norm_without_running_statistics() -> None:
+    """A BatchNorm2d that normalises with the batch's own statistics (no running ones) is not a fixed
+    affine map: it is left in place."""
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, track_running_stats=False))
+    folded = fold_batch_norm(seq)
+    assert [type(m) for m in folded] == [torch.nn.Conv2d, torch.nn.BatchNorm2d]

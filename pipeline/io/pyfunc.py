@@ -17,7 +17,9 @@
 ``pytorch``
     ``mlflow.pytorch.load_model(uri)`` gives the inference network (extractor + selected
     branch) as a ``torch.export`` program (``pytorch/model.pt2``, the pickle-free "pt2" format):
-    input normalised float ``(N, 3, S, S)``, output logits ``(N, 7)``, dynamic batch.
+    input normalised float ``(N, 3, S, S)``, output logits ``(N, 7)``, dynamic batch. It is the
+    network as every inference path runs it, batch norm folded into the convs
+    (:func:`pipeline.core.inference.inference_ready`); the trained weights are ``data/export/weights.pt``.
 
 :func:`log_model` logs it with :meth:`mlflow.models.Model.log` (this module is the "flavour
 module" whose :func:`save_model` writes the folder), so it is an MLflow 3 LoggedModel of the run

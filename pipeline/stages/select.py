@@ -57,13 +57,14 @@ def run_select(cfg: Config) -> dict[str, Any]:
         twin.load_state_dict(best["model"])
     except RuntimeError as exc:
         raise PipelineError(f"{best_path}: weights do not fit the stored model config ({exc})") from None
-    inf = inference_ready(inference_model(twin, selected - 1))  # as predict/pyfunc/evaluate load it
+    inf = inference_model(twin, selected - 1).eval()  # exported as trained
     meta = build_meta(best, selected, count_parameters(inf))
     meta["tta"] = cfg.select.tta
     fit: dict[str, Any] = {}
     cal: dict[str, Any] = {}
     if cfg.select.decision_rule != "none" or cfg.select.calibration != "none":
-        y, probs = val_probabilities(ExportedModel(model=inf, meta=meta), cfg, layout)
+        # scored by the network predict/pyfunc/evaluate load (BN folded, channels-last)
+        y, probs = val_probabilities(ExportedModel(model=inference_ready(inf), meta=meta), cfg, layout)
         if cfg.select.calibration != "none":
             temperature, bias, cal = fit_calibration(y, probs, cfg.select.calibration)
             meta["calibration"] = calibration_meta(cfg.select.calibration, temperature, bias)
