@@ -418,9 +418,10 @@ class SelectConfig(_Section):
     prior_power_max: float = Field(2.0, ge=0, le=10)
     prior_power_step: float = Field(0.25, gt=0, le=10)
     # Test-time augmentation recorded in the export (config.json "tta") and applied by predict,
-    # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views).
+    # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views) |
+    # flips4 (mean of 4: identity, horizontal, vertical and both flips; half the cost of flips).
     # The decision rule is fitted on the probabilities this produces.
-    tta: Literal["none", "flips"] = "none"
+    tta: Literal["none", "flips", "flips4"] = "none"
     # Calibration of the reported probabilities, fitted on val by maximum likelihood and stored in
     # the export (config.json "calibration"; pipeline.core.calibration): none | temperature
     # (softmax(log p / T)) | temperature_bias (softmax(log p / T + b), one bias per class). The
