@@ -17,8 +17,8 @@ them predict the same numbers and labels for the same pixels:
   arg-max when asked (``predict.decision: argmax``). The rule never adjusts the probabilities.
 
 Every path runs the network as :func:`inference_ready` makes it: a copy in eval mode, batch norm
-folded into the convs (:func:`pipeline.core.model.fold_batch_norm`; one op fewer per conv, the
-batch-1 predict path 25-60 % faster on the CPU), in the channels-last memory format (this
+folded into the convs (:func:`pipeline.core.model.fold_batch_norm`; one op fewer per conv, about
+a third off the batch-1 predict path on the CPU), in the channels-last memory format (this
 mostly-depthwise network runs about 20 % faster that way on the CPU, batch 1 and 64 alike). Outputs
 agree with the plain eval-mode network to about 1e-7. The loader
 (:func:`pipeline.io.modelstore.load_exported`) and the ``select`` stage prepare it, so ``select``

@@ -384,11 +384,12 @@ def build_inference(cfg: ModelConfig, num_classes: int = 7) -> InferenceModel:
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every conv -> :class:`~torch.nn.BatchNorm2d` pair of
-    :func:`_conv_bn` merged into one conv with a bias (the BN replaced by an identity); ``model`` is
+    :func:`_conv_bn` merged into one conv with a bias (the BN dropped from its block); ``model`` is
     untouched. The copy computes the same function as ``model`` in eval mode up to float rounding
-    (about 1e-7 relative), with one op and one module call fewer per conv: the batch-1 predict path is 25-60 % faster on
-    the CPU (bench/README.md). Its state dict differs (no BN entries), so exports are written from
-    the unfolded model. :class:`InstanceBatchNorm` layers stay as they are."""
+    (about 1e-7 relative), with one op and one module call fewer per conv: the batch-1 predict path
+    takes about a third less time on the CPU (bench/README.md, trials 73-77). Its state dict
+    differs (no BN entries), so exports are written from the unfolded model. A BatchNorm2d without
+    running statistics and the :class:`InstanceBatchNorm` layers stay as they are."""
     folded = copy.deepcopy(model).eval()
     for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
         i = 0
