@@ -387,7 +387,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     :func:`_conv_bn` merged into one conv with a bias (the BN dropped from its block); ``model`` is
     untouched. The copy computes the same function as ``model`` in eval mode up to float rounding
     (about 1e-7 relative), with one op and one module call fewer per conv: the batch-1 predict path
-    takes about a third less time on the CPU (bench/README.md, trials 73-77). Its state dict
+    takes about a third less time on the CPU (bench/README.md, trials 73-79). Its state dict
     differs (no BN entries), so exports are written from the unfolded model. A BatchNorm2d without
     running statistics and the :class:`InstanceBatchNorm` layers stay as they are."""
     folded = copy.deepcopy(model).eval()
