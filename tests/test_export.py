@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_model import trained_look
 from test_train import make_work, tiny_cfg
 
 from pipeline.errors import PipelineError
@@ -113,9 +114,7 @@ def test_inference_runs_folded_and_channels_last_and_the_files_stay_as_trained(t
 
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
-    plain = inference_model(build_twin(cfg.model, 7), 0).eval()
-    for bn in (m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # a trained look
-        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+    plain = trained_look(inference_model(build_twin(cfg.model, 7), 0)).eval()
     trained = {k: v.clone() for k, v in plain.state_dict().items()}
     fast = inference_ready(plain)
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in trained.items())  # the argument is untouched

@@ -178,7 +178,7 @@ def test_count_parameters() -> None:
     assert isinstance(build_twin(TINY), TwinNet)
 
 
-def _trained_look(model: torch.nn.Module) -> torch.nn.Module:
+def trained_look(model: torch.nn.Module) -> torch.nn.Module:
     """Batch-norm statistics and affine parameters far from their initial identity, as after training."""
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.3, 3)
@@ -192,7 +192,7 @@ def test_fold_batch_norm_computes_the_same_function_without_batch_norm(ibn: str)
     maps and CAM of the original, and leaves the original, its mode and its state dict alone."""
     from pipeline.core.cam import cam_for
 
-    model = _trained_look(build_inference(TINY.model_copy(update={"ibn": ibn}), 7)).train()
+    model = trained_look(build_inference(TINY.model_copy(update={"ibn": ibn}), 7)).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_batch_norm(model)
     assert model.training and not folded.training

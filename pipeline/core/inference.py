@@ -10,7 +10,7 @@ them predict the same numbers and labels for the same pixels:
 * :func:`predict_batch_uint8` -- probabilities: the softmax of the network, or with the export's
   ``tta: flips`` the mean of the softmax over the 8 flip/transpose views of each image (the
   dihedral group of the square: lesions have no orientation; ``flips4``: its 4 flips, identity,
-  horizontal, vertical and both, at half the cost; :data:`TTA_VIEWS`), then the
+  horizontal, vertical and both, at half the cost; :func:`tta_views`), then the
   export's ``calibration`` (:mod:`pipeline.core.calibration`; identity for exports without one).
 * :func:`predicted_labels` -- labels from probabilities under the export's decision rule
   (:mod:`pipeline.core.decision`: ``argmax`` or fitted log-probability ``offsets``), or plain
@@ -55,19 +55,19 @@ class Model(Protocol):
     def image_size(self) -> int: ...
 
 
+# tta (the views: tta_views): flips -- identity, 3 rotations by 90 degrees, and the transposes of all
+# four (the dihedral group); flips4 -- identity, horizontal flip, vertical flip and both (= rotation by
+# 180 degrees), half the cost
 TTA_MODES = ("none", "flips", "flips4")
-# tta: flips -- identity, 3 rotations by 90 degrees, and the transposes of all four (the dihedral group);
-# flips4 -- identity, horizontal flip, vertical flip and both (= rotation by 180 degrees), half the cost
-TTA_VIEWS = {"none": 1, "flips": 8, "flips4": 4}
 DECISIONS = ("rule", "argmax")  # predict.decision: the export's rule, or plain arg-max
 
 
 def inference_ready(model: torch.nn.Module) -> torch.nn.Module:
     """The network every inference path runs: a copy of ``model`` in eval mode with its batch norm
     folded into the convs (:func:`pipeline.core.model.fold_batch_norm`) and in the channels-last
-    memory format. ``model`` is untouched (eval mode aside); export it, not the copy, whose state
-    dict has no BN entries."""
-    return fold_batch_norm(model.eval()).to(memory_format=torch.channels_last)
+    memory format. ``model`` is untouched; export it, not the copy, whose state dict has no BN
+    entries."""
+    return fold_batch_norm(model).to(memory_format=torch.channels_last)
 
 
 def preprocess_of(meta: dict[str, Any]) -> tuple[str, float]:
