@@ -223,6 +223,10 @@ class AugmentConfig(_Section):
     # Probability of a Gaussian blur (5x5 kernel, sigma uniform in [0.1, blur_sigma]). 0 = off.
     blur: float = Field(0.0, ge=0, le=1)
     blur_sigma: float = Field(1.0, ge=0.1, le=10)
+    # Probability that a train copy gets 1..hair_max dark hair-like curves drawn over it
+    # (artifact augmentation, pipeline.core.augment.RandomHairs). 0 = off.
+    hair: float = Field(0.0, ge=0, le=1)
+    hair_max: int = Field(8, ge=1, le=100)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentConfig":

@@ -64,6 +64,41 @@ def test_new_augment_knobs_off_by_default_and_seeded_when_on() -> None:
     assert sog.mode == "RGB" and sog.size == img.size
 
 
+def test_hairs_are_thin_dark_curves_seeded_per_copy_and_drawn_first() -> None:
+    from pipeline.config import AugmentConfig
+    from pipeline.core.augment import RandomHairs, augment_image, build_transform, hair_mask
+
+    # one straight, horizontal hair across the middle of a 40 px image, 1.2 % of the side wide
+    mask = hair_mask(40, 40, np.array([[0.0, 0.5, 0.0, 1.0, 0.5, 1.0]]))
+    assert mask.shape == (40, 40) and mask.dtype == np.float32
+    assert 0.0 <= mask.min() and mask.max() <= 1.0
+    assert mask.sum(axis=1).argmax() in (19, 20)  # the row it runs along
+    assert mask[:15].max() == 0 and mask[25:].max() == 0  # nothing far from it
+    assert 0 < mask[19:21].max() < 1  # thinner than a pixel: partial coverage, as a resized photo
+    assert 18 <= mask.sum() <= 22  # 0.48 px wide (drawn 2 px at 4x) over the 40 px it spans
+    assert hair_mask(40, 40, np.zeros((0, 6))).max() == 0
+
+    cfg = AugmentConfig(image_size=32, hair=1.0, hair_max=4)
+    names = [type(t).__name__ for t in build_transform(cfg).transforms]
+    assert names[:2] == ["RandomHairs", "ColorJitter"]  # in the scene before the camera's colour
+    img = Image.fromarray(np.full((32, 32, 3), 230, np.uint8))
+    only = RandomHairs(1.0, 4)
+    a, b = augment_image(img, only, 5), augment_image(img, only, 5)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # seeded per copy
+    arr = np.asarray(a).astype(int)
+    assert (arr <= 230).all() and (arr < 200).any()  # darker where drawn, untouched elsewhere
+    assert ((arr < 230).any(axis=2)).mean() < 0.5  # thin lines, not a veil
+    drop = 230 - arr  # a blend towards a brownish black: red >= green >= blue, so red drops least
+    assert (drop[..., 0] <= drop[..., 1] + 1).all() and (drop[..., 1] <= drop[..., 2] + 1).all()
+    assert (drop[..., 2] > drop[..., 0] + 2).any()
+    assert not np.array_equal(arr, np.asarray(augment_image(img, only, 6)))
+    np.testing.assert_array_equal(np.asarray(augment_image(img, RandomHairs(0.0, 4), 5)), np.asarray(img))
+    with pytest.raises(ValueError):
+        RandomHairs(1.5, 4)
+    with pytest.raises(ValueError):
+        AugmentConfig(hair=0.5, hair_max=0)
+
+
 def test_augment_stage_corrects_train_only_and_keeps_default_digest(tmp_path: Path, tiny_config) -> None:
     from pipeline.stages.augment import augmented_digest, run_augment
     from pipeline.stages.ingest import run_ingest
@@ -79,8 +114,9 @@ def test_augment_stage_corrects_train_only_and_keeps_default_digest(tmp_path: Pa
     plain = {p.relative_to(aug_dir): np.asarray(Image.open(p)) for p in aug_dir.rglob("*.png")}
     assert "preprocess" not in json.loads((aug_dir / "meta.json").read_text())
     manifest = pd.read_parquet(Path(cfg.paths.work_dir) / "data" / "validated.parquet")
-    off = cfg.with_overrides({"augment.gamma": 0.0, "augment.blur_sigma": 1.0})
+    off = cfg.with_overrides({"augment.gamma": 0.0, "augment.blur_sigma": 1.0, "augment.hair": 0.0})
     assert augmented_digest(manifest, off) == augmented_digest(manifest, cfg)
+    assert augmented_digest(manifest, cfg.with_overrides({"augment.hair": 0.5})) != augmented_digest(manifest, cfg)
     sog = cfg.with_overrides({"augment.color_constancy": "shades_of_gray"})
     assert augmented_digest(manifest, sog) != augmented_digest(manifest, cfg)
     run_augment(sog)

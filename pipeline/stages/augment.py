@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 _OFF_DEFAULTS = {"color_constancy": "none", "sog_power": 6.0, "crop_scale_min": 1.0, "gamma": 0.0, "blur": 0.0,
-                 "blur_sigma": 1.0, "balance_sites": False}
+                 "blur_sigma": 1.0, "balance_sites": False, "hair": 0.0, "hair_max": 8}
 
 
 def augmented_digest(manifest: pd.DataFrame, cfg: Config) -> str:
