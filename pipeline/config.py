@@ -442,6 +442,11 @@ class PredictConfig(_Section):
     # Label of the predict stage: rule = the export's decision rule (what the pyfunc, evaluate and
     # the gate use; arg-max for exports without one) | argmax = plain arg-max of the probabilities.
     decision: Literal["rule", "argmax"] = "rule"
+    # Torch threads of the process that predicts: the predict stage, and the MLflow pyfunc model
+    # (recorded in its data/export/serving.json, set when a server loads it). 0 = torch's default
+    # (every core). Several serving workers on one machine want cores / workers each, so they do
+    # not oversubscribe the cores; a batch-1 server often answers faster with 1 (bench/README.md).
+    cpu_threads: int = Field(0, ge=0, le=1024)
 
 
 class CamConfig(_Section):

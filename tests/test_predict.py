@@ -143,3 +143,43 @@ def test_registry_uri_and_cams(tmp_path: Path, export_dir: Path, monkeypatch: py
     assert pngs == sorted(p.stem for p in files.values())
     with Image.open(cams / "rgb.png") as im:
         assert im.size[0] >= 32 and im.mode in ("RGB", "RGBA")
+
+
+def test_serving_threads_travel_with_the_logged_model_and_set_the_loading_process(
+    tmp_path: Path, export_dir: Path
+) -> None:
+    import json
+
+    import mlflow.pyfunc
+
+    from pipeline.io.pyfunc import SERVING_FILE, encode_png, save_model
+    from pipeline.stages.predict import run_predict
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        save_model(tmp_path / "m1", export_dir, 8, cpu_threads=1)
+        serving = tmp_path / "m1" / "data" / "export" / SERVING_FILE
+        assert json.loads(serving.read_text()) == {"batch_size": 8, "cpu_threads": 1}
+        loaded = mlflow.pyfunc.load_model(str(tmp_path / "m1"))
+        assert torch.get_num_threads() == 1  # the serving process runs on the threads it was logged with
+        frame = pd.DataFrame({"image": [encode_png(np.full((32, 32, 3), 90, np.uint8))]})
+        assert loaded.predict(frame).shape == (1, 8)
+
+        # a model logged before the knob (serving.json with batch_size only) leaves torch's threads alone
+        torch.set_num_threads(2)
+        serving.write_text(json.dumps({"batch_size": 8}) + "\n")
+        mlflow.pyfunc.load_model(str(tmp_path / "m1"))
+        assert torch.get_num_threads() == 2
+
+        # the predict stage takes predict.cpu_threads; 0 keeps the process's setting
+        cfg = tiny_cfg(tmp_path / "w")
+        images = tmp_path / "imgs"
+        _images(images)
+        run_predict(cfg, str(export_dir), str(images), str(tmp_path / "p0.csv"))
+        assert torch.get_num_threads() == 2
+        run_predict(cfg.with_overrides({"predict.cpu_threads": 1}), str(export_dir), str(images), str(tmp_path / "p1.csv"))
+        assert torch.get_num_threads() == 1
+        assert pd.read_csv(tmp_path / "p0.csv").equals(pd.read_csv(tmp_path / "p1.csv"))
+    finally:
+        torch.set_num_threads(before)

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 FLAVOR_NAME = "skin_twin"
 EXPORT_SUBDIR = "export"  # data/export inside the MLflow model folder
-SERVING_FILE = "serving.json"  # data/export/serving.json: pyfunc settings (batch size)
+SERVING_FILE = "serving.json"  # data/export/serving.json: pyfunc settings (batch size, torch threads)
 PYTORCH_SUBDIR = "pytorch"  # pytorch/model.pt2
 # Distributions the pyfunc needs at load time (explicit: requirement inference costs seconds).
 _REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml")
@@ -98,12 +98,20 @@ def to_images(model_input: Any) -> list[Image.Image]:
 
 
 class SkinTwinClassifier:
-    """What ``mlflow.pyfunc.load_model`` wraps: images in, class probabilities out."""
+    """What ``mlflow.pyfunc.load_model`` wraps: images in, class probabilities out.
 
-    def __init__(self, export_dir: str | Path, batch_size: int) -> None:
+    ``cpu_threads`` > 0 sets the torch threads of the whole process that loads it (a serving
+    worker is that process; ``predict.cpu_threads``); 0 leaves torch's default."""
+
+    def __init__(self, export_dir: str | Path, batch_size: int, cpu_threads: int = 0) -> None:
         self.export_dir = Path(export_dir)
         self.exported = load_exported(self.export_dir)
         self.batch_size = int(batch_size)
+        self.cpu_threads = int(cpu_threads)
+        if self.cpu_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -122,7 +130,8 @@ class SkinTwinClassifier:
 def _load_pyfunc(data_path: str) -> SkinTwinClassifier:
     """MLflow's entry point for the ``python_function`` flavour (``loader_module``)."""
     serving = json.loads((Path(data_path) / SERVING_FILE).read_text(encoding="utf-8"))
-    return SkinTwinClassifier(data_path, int(serving["batch_size"]))
+    # models logged before cpu_threads existed have only batch_size: torch's default threads
+    return SkinTwinClassifier(data_path, int(serving["batch_size"]), int(serving.get("cpu_threads", 0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,12 +179,14 @@ def _export_pt2(export_dir: Path, target: Path) -> None:
 
 
 def save_model(
-    path: str | Path, export_dir: str | Path, batch_size: int, mlflow_model: Any = None, **kwargs: Any
+    path: str | Path, export_dir: str | Path, batch_size: int, mlflow_model: Any = None, cpu_threads: int = 0,
+    **kwargs: Any,
 ) -> None:
     """Write the two-flavour MLflow model folder at ``path`` from an export folder.
 
     ``batch_size`` (``predict.batch_size``) is how many images the pyfunc runs through the network
-    at once; it travels in ``data/export/serving.json``. ``kwargs`` go to
+    at once, ``cpu_threads`` (``predict.cpu_threads``) the torch threads the loading process gets
+    (0: torch's default); both travel in ``data/export/serving.json``. ``kwargs`` go to
     :func:`mlflow.pyfunc.save_model` (``pip_requirements``, ``metadata``, ...); signature and input
     example default to the image interface.
     """
@@ -197,7 +208,8 @@ def save_model(
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / EXPORT_SUBDIR
         shutil.copytree(export_dir, staged, ignore=shutil.ignore_patterns(".*", "__pycache__"))
-        (staged / SERVING_FILE).write_text(json.dumps({"batch_size": int(batch_size)}) + "\n", encoding="utf-8")
+        serving = {"batch_size": int(batch_size), "cpu_threads": int(cpu_threads)}
+        (staged / SERVING_FILE).write_text(json.dumps(serving) + "\n", encoding="utf-8")
         mlflow.pyfunc.save_model(
             str(path), loader_module=__name__, data_path=str(staged), mlflow_model=mlflow_model, **kwargs
         )
@@ -223,13 +235,14 @@ def save_model(
         shutil.rmtree(pycache, ignore_errors=True)
 
 
-def log_model(export_dir: str | Path, batch_size: int, name: str = "model", **kwargs: Any):
-    """Log the export folder as the run's MLflow model (a LoggedModel); returns ``ModelInfo``."""
+def log_model(export_dir: str | Path, batch_size: int, *, cpu_threads: int, name: str = "model", **kwargs: Any):
+    """Log the export folder as the run's MLflow model (a LoggedModel); returns ``ModelInfo``.
+    ``batch_size`` and ``cpu_threads`` are the deployment's ``predict`` settings (:func:`save_model`)."""
     from mlflow.models import Model
 
     return Model.log(
         artifact_path=None, name=name, flavor=sys.modules[__name__], export_dir=str(export_dir),
-        batch_size=batch_size, **kwargs,
+        batch_size=batch_size, cpu_threads=cpu_threads, **kwargs,
     )  # fmt: skip
 
 

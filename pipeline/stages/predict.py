@@ -15,7 +15,7 @@
   changes only the label, never the probabilities.
 * Every image is preprocessed exactly like training (any mode: L, RGBA, P, CMYK, 16-bit ...; the
   export's colour constancy), see :mod:`pipeline.core.inference`; ``predict.batch_size`` images go
-  through the network at once.
+  through the network at once, on ``predict.cpu_threads`` torch threads (0: torch's default).
 * An unreadable file is reported by name (log and stderr) and skipped; the stage fails
   (:class:`~pipeline.errors.DataError`) only when no image could be read.
 * ``cam_dir``: a CAM overlay PNG per image (``<image_id>.png``, the reported label, patent S4).
@@ -104,6 +104,10 @@ def write_cams(
 
 
 def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | None = None) -> dict[str, Any]:
+    if cfg.predict.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.predict.cpu_threads)
     folder = resolve_model(model, cfg)
     exported = load_exported(folder)
     files = _image_files(images)

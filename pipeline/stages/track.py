@@ -262,6 +262,7 @@ def run_track(
                     layout.export_dir,
                     cfg.predict.batch_size,
                     name=MODEL_NAME,
+                    cpu_threads=cfg.predict.cpu_threads,
                     metadata={"export_digest": export_digest, "config_digest": digest},
                 )
                 model_id = info.model_id
