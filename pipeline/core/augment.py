@@ -260,8 +260,8 @@ class RandomHairs:
     drawn over the image (uint8 ``(3, H, W)`` tensor in, the same out).
 
     Hair is the commonest dermoscopy artifact, and how much of it a clinic's images carry depends
-    on its shaving and immersion habits and its devices (the external Derm7pt images carry far
-    more than HAM10000's ``vidir_molemax``), so a class must not be told by its hairs. Drawing
+    on its shaving and immersion habits and its devices, so a class must not be told by its
+    hairs (on HAM10000 with the external Derm7pt test it did not help: bench/README.md, trials 80-81). Drawing
     them over training copies is one of the artifact augmentations of Bissoto et al., "Artifact-
     based domain generalization of skin lesion models" (ECCV Workshops 2022). Choices where that
     is vague: each hair is a quadratic Bezier curve from a uniform start point in a uniform
