@@ -45,6 +45,7 @@ from PIL import Image
 from pipeline.core.inference import predict_proba, predicted_labels
 from pipeline.io.images import decode_image
 from pipeline.io.modelstore import load_exported
+from pipeline.io.threads import use_cpu_threads
 from pipeline.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -108,10 +109,7 @@ class SkinTwinClassifier:
         self.exported = load_exported(self.export_dir)
         self.batch_size = int(batch_size)
         self.cpu_threads = int(cpu_threads)
-        if self.cpu_threads > 0:
-            import torch
-
-            torch.set_num_threads(self.cpu_threads)
+        use_cpu_threads(self.cpu_threads)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ from pipeline.io.files import atomic_path
 from pipeline.io.images import list_images, load_rgb
 from pipeline.io.modelstore import load_exported
 from pipeline.io.overlays import save_overlay_png
+from pipeline.io.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,7 @@ def write_cams(
 
 
 def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | None = None) -> dict[str, Any]:
-    if cfg.predict.cpu_threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.predict.cpu_threads)
+    use_cpu_threads(cfg.predict.cpu_threads)
     folder = resolve_model(model, cfg)
     exported = load_exported(folder)
     files = _image_files(images)

@@ -97,6 +97,7 @@ from pipeline.io.compute import Dist, init_dist, resolve_device
 from pipeline.io.files import remove_stale_temps, write_json, write_table
 from pipeline.io.imagecache import load_image_cache
 from pipeline.io.manifests import check_labels, read_augmented, read_pairs, split_rows
+from pipeline.io.threads import use_cpu_threads
 from pipeline.labels import CLASS_TO_INDEX, CLASSES, NUM_CLASSES
 from pipeline.layout import Layout
 
@@ -270,8 +271,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     t_start = time.perf_counter()
     layout = Layout.from_config(cfg)
     tc = cfg.train
-    if tc.cpu_threads > 0:
-        torch.set_num_threads(tc.cpu_threads)
+    use_cpu_threads(tc.cpu_threads)
     ds = resolve_device(tc, dist.local_rank)
     data = load_train_data(cfg, dist.rank, dist.barrier if dist.enabled else None)
     digest = train_digest(cfg, data, dist.world)
