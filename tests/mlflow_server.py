@@ -107,6 +107,27 @@ def start_server(folder: Path, timeout: float = 90.0) -> MlflowServer:
     return server
 
 
+def serve_model(model_dir: Path, folder: Path, workers: int = 2, timeout: float = 120.0) -> MlflowServer:
+    """``mlflow models serve`` of the MLflow model folder ``model_dir`` in this environment
+    (``--env-manager local``), answering ``/ping``; its log below ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "--workers", str(workers)]  # fmt: skip
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn from the venv
+    log_path = folder / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env, start_new_session=True)
+    server = MlflowServer(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_http(f"{server.uri}/ping", proc, log_path, timeout)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
 def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:
     """Wait until ``url`` answers 200; RuntimeError with the log's tail if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout

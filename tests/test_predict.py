@@ -191,33 +191,19 @@ def test_served_over_http_by_mlflow_with_workers_predicts_like_the_export(tmp_pa
     with ``predict.cpu_threads: 1``, real processes and real HTTP."""
     import base64
     import json
-    import os
-    import signal
-    import socket
-    import subprocess
-    import time
     import urllib.error
     import urllib.request
+
+    from mlflow_server import serve_model
 
     from pipeline.io.pyfunc import SkinTwinClassifier, encode_png, save_model
 
     save_model(tmp_path / "model", export_dir, 8, cpu_threads=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", str(tmp_path / "model"), "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server = serve_model(tmp_path / "model", tmp_path / "serve", workers=2)
 
     def post(rows: list[bytes]) -> tuple[int, dict]:
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(r).decode()] for r in rows]}}
-        req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+        req = urllib.request.Request(f"{server.uri}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
@@ -226,17 +212,6 @@ def test_served_over_http_by_mlflow_with_workers_predicts_like_the_export(tmp_pa
             return exc.code, json.loads(exc.read())
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 120 s"
-            time.sleep(0.5)
         rng = np.random.default_rng(3)
         images = [encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 32), (45, 60), (200, 150))]
         want = SkinTwinClassifier(export_dir, 8).predict(pd.DataFrame({"image": images}))
@@ -250,10 +225,4 @@ def test_served_over_http_by_mlflow_with_workers_predicts_like_the_export(tmp_pa
         status, err = post([b"not an image"])
         assert status >= 400 and "row 0: not a readable image" in json.dumps(err)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
