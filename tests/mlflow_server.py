@@ -95,16 +95,7 @@ def start_server(folder: Path, timeout: float = 90.0) -> MlflowServer:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    log_path = folder / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env, start_new_session=True)
-    server = MlflowServer(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_http(f"{server.uri}/health", proc, log_path, timeout)
-    except RuntimeError:
-        server.stop()
-        raise
-    return server
+    return _launch(cmd, folder / "server.log", env, port, "/health", timeout)
 
 
 def serve_model(model_dir: Path, folder: Path, workers: int = 2, timeout: float = 120.0) -> MlflowServer:
@@ -116,12 +107,18 @@ def serve_model(model_dir: Path, folder: Path, workers: int = 2, timeout: float 
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "--workers", str(workers)]  # fmt: skip
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn from the venv
-    log_path = folder / "serve.log"
+    return _launch(cmd, folder / "serve.log", env, port, "/ping", timeout)
+
+
+def _launch(cmd: list[str], log_path: Path, env: dict[str, str], port: int, ready: str, timeout: float) -> MlflowServer:
+    """Start ``cmd`` in its own process group (cwd: the log's folder) and wait until ``ready`` answers."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent, env=env, start_new_session=True
+        )
     server = MlflowServer(proc, f"http://127.0.0.1:{port}", log_path)
     try:
-        wait_http(f"{server.uri}/ping", proc, log_path, timeout)
+        wait_http(f"{server.uri}{ready}", proc, log_path, timeout)
     except RuntimeError:
         server.stop()
         raise
