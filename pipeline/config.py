@@ -341,6 +341,11 @@ class TrainConfig(_Section):
     online_scale: float = Field(0.0, ge=0, lt=1)
     online_translate: float = Field(0.0, ge=0, le=0.5)
     online_color: float = Field(0.0, ge=0, lt=1)
+    # Random convolution (RandConv, pipeline.core.training.random_conv): with this probability per
+    # batch of each side of the pairs, the float images are blended with a random 3 -> 3 convolution
+    # of themselves (kernel side drawn from online_randconv_kernels). 0 = off.
+    online_randconv: float = Field(0.0, ge=0, le=1)
+    online_randconv_kernels: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1, max_length=8)
     # MixStyle (pipeline.core.model.mix_styles): in training, with this probability per insertion
     # point and batch, the early extractor features of each image take a Beta(mixstyle_alpha,
     # mixstyle_alpha) mix of its own and another image's per-channel mean / std. 0 = off.
@@ -374,6 +379,13 @@ class TrainConfig(_Section):
     # statistics; "recompute" = recomputed by one forward pass over the training images before each
     # validation of the mean (torch.optim.swa_utils.update_bn, as SWA and SWAD prescribe).
     swa_bn: Literal["mean", "recompute"] = "mean"
+
+    @field_validator("online_randconv_kernels")
+    @classmethod
+    def _odd_kernels(cls, v: list[int]) -> list[int]:
+        if any(k < 1 or k > 9 or k % 2 == 0 for k in v):
+            raise ValueError(f"online_randconv_kernels must be odd sides 1..9, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> "TrainConfig":

@@ -261,6 +261,93 @@ def test_online_views_change_training_and_resume_bit_identically(tmp_path: Path,
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
+def test_random_conv_blends_a_size_keeping_filter_with_the_image() -> None:
+    import torch.nn.functional as F
+
+    from pipeline.core.training import random_conv
+
+    x = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(3).view(3, 3, 1, 1)
+    torch.testing.assert_close(random_conv(x, eye, 0.3), x)  # the identity filter leaves the image
+    swap = eye[[2, 1, 0]]  # 1x1: a colour map, here red <-> blue
+    torch.testing.assert_close(random_conv(x, swap, 0.0), x[:, [2, 1, 0]])
+    torch.testing.assert_close(random_conv(x, swap, 0.25), 0.25 * x + 0.75 * x[:, [2, 1, 0]])
+    box = torch.zeros(3, 3, 3, 3)
+    for c in range(3):
+        box[c, c] = 1 / 9  # 3x3 mean per channel: a blur, reflection-padded, the size kept
+    out = random_conv(x, box, 0.0)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, stride=1))
+    flat = torch.full((1, 3, 5, 5), 0.4)
+    torch.testing.assert_close(random_conv(flat, box, 0.0), flat)  # no dark frame at the border
+
+
+def test_randconv_draws_a_fixed_count_applies_with_its_probability_and_keeps_other_views() -> None:
+    from pipeline.core.imaging import to_model_input
+    from pipeline.core.training import CPU, OnlineAugment
+
+    x = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    plain = to_model_input(x)
+    # probability 1: every call filtered, a new filter per call, the same for a seed
+    on = OnlineAugment(randconv=1.0)
+    g = torch.Generator().manual_seed(7)
+    a, b = on(x.clone(), g, CPU), on(x.clone(), g, CPU)
+    assert not torch.allclose(a, plain) and not torch.allclose(a, b)
+    torch.testing.assert_close(on(x.clone(), torch.Generator().manual_seed(7), CPU), a)
+    # one filter for the whole batch: images that were equal stay equal
+    same = on(x[:1].repeat(3, 1, 1, 1), torch.Generator().manual_seed(8), CPU)
+    torch.testing.assert_close(same[0], same[2])
+    # a fixed number of draws whatever happens, so resume is bit-identical; probability 0 < p < 1 skips some calls
+    states = set()
+    applied = 0
+    for p in (0.0, 0.5, 1.0):
+        g = torch.Generator().manual_seed(9)
+        outs = [OnlineAugment(randconv=p, randconv_kernels=(1, 5))(x.clone(), g, CPU) for _ in range(40)]
+        states.add(bytes(g.get_state().numpy()))
+        n = sum(not torch.allclose(o, plain) for o in outs)
+        if p == 0.5:
+            applied = n
+        else:
+            assert n == (40 if p == 1.0 else 0)
+    assert 10 <= applied <= 30
+    assert len(states) == 2  # p = 0 draws nothing; 0.5 and 1.0 draw the same count
+    # with the colour jitter: the filter is applied after it, to the same jittered images
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    both = OnlineAugment(color=0.3, randconv=1.0)(x.clone(), g1, CPU)
+    jitter = OnlineAugment(color=0.3)(x.clone(), g2, CPU)
+    assert not torch.allclose(both, jitter)
+    from pipeline.core.imaging import MEAN, STD
+    from pipeline.core.training import random_conv
+
+    unit = jitter * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    u = torch.rand(3, generator=g2).tolist()
+    w = torch.randn((3, 3, 5, 5), generator=g2)
+    k = (1, 3, 5)[int(u[1] * 3)]
+    lo = (5 - k) // 2
+    expected = random_conv(unit, w[:, :, lo : lo + k, lo : lo + k] / (3 * k * k) ** 0.5, u[2])
+    from pipeline.core.imaging import normalize_unit
+
+    torch.testing.assert_close(both, normalize_unit(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_randconv_is_left_out_of_the_resume_digest_while_off_and_checks_its_kernels(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.config import ConfigError
+    from pipeline.stages.train import train_digest
+
+    data = SimpleNamespace(digest="d", image_size=32)
+
+    def digest(**extra: object) -> str:
+        return train_digest(tiny_cfg(tmp_path, **extra), data, 1)  # type: ignore[arg-type]
+
+    assert digest() == digest(**{"train.online_randconv_kernels": [3]})  # off: the kernels mean nothing
+    on = digest(**{"train.online_randconv": 0.5})
+    assert len({digest(), on, digest(**{"train.online_randconv": 0.5, "train.online_randconv_kernels": [3]})}) == 3
+    with pytest.raises(ConfigError, match="online_randconv_kernels"):
+        tiny_cfg(tmp_path, **{"train.online_randconv_kernels": [1, 4]})
+
+
 def test_random_affine_samples_where_affine_grid_says() -> None:
     import math
 
@@ -359,12 +446,14 @@ def test_style_mixing_is_left_out_of_the_resume_digest_while_off(tmp_path: Path)
     assert digest(**{"train.mixstyle_p": 0.5}) != digest(**{"train.mixstyle_p": 0.5, "train.mixstyle_alpha": 0.3})
 
 
-@pytest.mark.parametrize("knob", [("train.mixstyle_p", 0.5), ("train.mixup_alpha", 1.0), ("train.cutmix_alpha", 1.0)])
+@pytest.mark.parametrize("knob", [("train.mixstyle_p", 0.5), ("train.mixup_alpha", 1.0), ("train.cutmix_alpha", 1.0),
+                                  ("train.online_randconv", 0.5)])
 def test_mixing_changes_training_and_resumes_bit_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knob: tuple[str, float]
 ) -> None:
-    """Style mixing, mixup and CutMix: each changes the training, a stopped run resumes to the
-    same weights, and select exports an ordinary model (validation and the export never mix)."""
+    """Style mixing, mixup, CutMix and random convolutions: each changes the training, a stopped run
+    resumes to the same weights, and select exports an ordinary model (validation and the export
+    never mix)."""
     from pipeline.stages.select import run_select
     from pipeline.stages.train import run_train
 
@@ -591,7 +680,7 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
     later = {
         TrainConfig: ("ema_decay", "swa_start", "swa_every", "swa_bn", "mixstyle_p", "mixstyle_alpha",
-                      "mixup_alpha", "cutmix_alpha", "mix_prob"),
+                      "mixup_alpha", "cutmix_alpha", "mix_prob", "online_randconv", "online_randconv_kernels"),
         LossConfig: ("label_smoothing",),
     }
     for cls, keys in later.items():

@@ -30,8 +30,9 @@ Design choices (the patent leaves these open; each is deliberate):
   class balanced with 20 copies shows the network the same 20 pictures every epoch; online views
   are new each epoch (the cure for the early over-fitting the quality benchmark measured). The
   patent's pairs are untouched: both images of a pair are transformed independently, the labels
-  and the same/different target do not change. With every online knob at 0 no extra number is
-  drawn, so the training is the same as before the knobs existed.
+  and the same/different target do not change. Last comes, per batch, an optional random
+  convolution (RandConv, :func:`random_conv`, ``train.online_randconv``). With every online knob
+  at 0 no extra number is drawn, so the training is the same as before the knobs existed.
 * **Mixing** (:class:`BatchMix`, ``train.mixup_alpha`` / ``cutmix_alpha``, off by default): after
   the views, a batch may be blended with a shuffled copy of itself, both images of a pair alike,
   and the joint loss blended the same way (soft targets for both branches and the discriminator).
@@ -309,40 +310,90 @@ def random_color(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Ten
     return (x * (s * c * b) + grey * ((1 - s) * c * b) + mean * ((1 - c) * b)).clamp_(0, 1)
 
 
+def random_conv(x: torch.Tensor, weight: torch.Tensor, mix: float) -> torch.Tensor:
+    """RandConv (Xu et al., "Robust and generalizable visual representation learning via random
+    convolutions", ICLR 2021), its mixing variant: ``mix * x + (1 - mix) * conv(x, weight)`` of
+    float images ``x`` (N, 3, H, W), ``weight`` (3, 3, k, k) with k odd, reflection padding so the
+    size stays and the border carries no black frame. Not clipped (as in the paper): the random
+    filter may invert or swap colours and blur or sharpen texture, which is the point: a network
+    that must read the lesion through any such filter cannot lean on one device's colour response
+    or one sensor's texture. Pure: the caller draws ``weight`` and ``mix``."""
+    k = int(weight.shape[-1])
+    w = weight.to(device=x.device, dtype=x.dtype)
+    padded = x if k == 1 else torch.nn.functional.pad(x, (k // 2,) * 4, mode="reflect")
+    return x * mix + torch.nn.functional.conv2d(padded, w) * (1.0 - mix)
+
+
 @dataclass(frozen=True)
 class OnlineAugment:
-    """The training-time views of a batch (``train.online_*``; see the module docstring)."""
+    """The training-time views of a batch (``train.online_*``; see the module docstring).
+
+    RandConv (``randconv``, the probability per batch; :func:`random_conv`), choices the paper
+    leaves open or that differ from it:
+
+    * One filter per call, i.e. per batch of one side of the pairs: the left and the right images
+      of a batch get independent filters (and each is applied or not on its own draw), so a
+      same-class pair may look as if taken by two different devices and the discriminator must
+      see through that.
+    * Weights ``N(0, 1 / (3 k^2))`` (the paper's Kaiming-normal scale for fan-in ``3 k^2``), the
+      kernel side ``k`` uniform over ``randconv_kernels`` (default 1, 3, 5: at 48 px a 7x7 filter
+      smears a lesion's structure away), the mixing weight uniform in [0, 1), as in the paper's
+      mixing variant.
+    * Applied last, after the affine and the colour jitter, to the float [0, 1] images before
+      they are normalised; validation, the lowest-loss state and the export never see it.
+    * A fixed number of draws per call while on (3 uniforms and a 3 x 3 x k_max x k_max normal
+      tensor, whose centre k x k is used), so resume stays bit-identical; while off nothing is
+      drawn.
+    """
 
     flip_prob: float = 0.0  # 0 = no flips
     rotation: float = 0.0  # degrees
     scale: float = 0.0
     translate: float = 0.0
     color: float = 0.0
+    randconv: float = 0.0  # probability per batch
+    randconv_kernels: tuple[int, ...] = (1, 3, 5)
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> "OnlineAugment":
         return cls(
             flip_prob=tc.flip_prob if tc.online_flip else 0.0, rotation=tc.online_rotation,
             scale=tc.online_scale, translate=tc.online_translate, color=tc.online_color,
+            randconv=tc.online_randconv, randconv_kernels=tuple(tc.online_randconv_kernels),
         )  # fmt: skip
 
     @property
     def geometric(self) -> bool:
         return self.rotation > 0 or self.scale > 0 or self.translate > 0
 
+    def _draw_randconv(self, gen: torch.Generator) -> tuple[torch.Tensor, float] | None:
+        """This batch's random filter and mixing weight, or ``None`` (not applied this time)."""
+        u = torch.rand(3, generator=gen).tolist()  # applied?, kernel side, mixing weight
+        k_max = max(self.randconv_kernels)
+        w = torch.randn((3, 3, k_max, k_max), generator=gen)
+        if u[0] >= self.randconv:
+            return None
+        k = self.randconv_kernels[min(int(u[1] * len(self.randconv_kernels)), len(self.randconv_kernels) - 1)]
+        lo = (k_max - k) // 2
+        return w[:, :, lo : lo + k, lo : lo + k] / math.sqrt(3 * k * k), u[2]
+
     def device_transform(self, n: int, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The affine + colour step for a batch of ``n`` images, its draws taken from ``gen`` now
-        (in the main process, in a fixed order); ``None`` when both are off (nothing drawn)."""
-        if not self.geometric and self.color <= 0:
+        """The affine + colour + random-convolution step for a batch of ``n`` images, its draws
+        taken from ``gen`` now (in the main process, in a fixed order); ``None`` when all are off
+        (nothing drawn)."""
+        if not self.geometric and self.color <= 0 and self.randconv <= 0:
             return None
         u_geo = torch.rand((n, 4), generator=gen) if self.geometric else None
         u_col = torch.rand((n, 3), generator=gen) if self.color > 0 else None
+        conv = self._draw_randconv(gen) if self.randconv > 0 else None
 
         def apply(x: torch.Tensor) -> torch.Tensor:
             if u_geo is not None:
                 x = random_affine(x, u_geo, self.rotation, self.scale, self.translate)
             if u_col is not None:
                 x = random_color(x, u_col, self.color)
+            if conv is not None:
+                x = random_conv(x, *conv)
             return x
 
         return apply

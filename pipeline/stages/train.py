@@ -236,6 +236,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     if tc.get("mixstyle_p") == 0.0:
         tc.pop("mixstyle_p", None)
         tc.pop("mixstyle_alpha", None)
+    if tc.get("online_randconv") == 0.0:
+        tc.pop("online_randconv", None)
+        tc.pop("online_randconv_kernels", None)
     if tc.get("mixup_alpha") == 0.0 and tc.get("cutmix_alpha") == 0.0:
         for key in ("mixup_alpha", "cutmix_alpha", "mix_prob"):
             tc.pop(key, None)
