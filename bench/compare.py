@@ -1,6 +1,7 @@
 """Two quality-benchmark runs on the same images, paired: run A minus run B.
 
     .venv/bin/python bench/compare.py WORK_A WORK_B [--samples 1000] [--level 0.95] [--seed 42] [--out FILE]
+        [--by-split] [--sets test,external]
 
 ``WORK_A`` and ``WORK_B`` are the ``--work`` folders of two ``bench/quality.py`` runs, e.g. a trial
 and the committed recipe. ``bench/quality.py`` keeps every model's labels and probabilities in
@@ -18,6 +19,12 @@ The interval is over test images only, not over training seeds or machines.
 
 The same split seed and split mode give the same test images. Files that differ in images or true
 classes are an error naming both files (exit 2), as is a pair of folders with no file in common.
+
+Runs on other training data (``--isic-only``: run folder ``ham10000+isic-holdout``, not
+``ham10000-holdout``) pair with ``--by-split``, which matches run folders by their split (the part
+of the folder name after the last ``-``; two folders of one run with the same split are an error).
+The held-out source is the same test set with or without extra training data; a random split is
+not (the extra images join the split), so pair such runs on ``--sets external`` only.
 """
 
 from __future__ import annotations
@@ -42,13 +49,21 @@ SETS = ("test", "external")
 KEYS = ("balanced_accuracy", "accuracy", "macro_auc")
 
 
-def prediction_files(work: Path) -> dict[tuple[str, str, str], Path]:
-    """``{(run folder, model, set): path}`` of the prediction files under one ``--work`` folder."""
-    found = {}
+def prediction_files(work: Path, by_split: bool = False, sets: tuple[str, ...] = SETS) -> dict[tuple[str, str, str], Path]:
+    """``{(run folder, model, set): path}`` of the prediction files of ``sets`` under one ``--work``
+    folder; with ``by_split`` the run folder is named by its split alone (``ham10000+isic-holdout``
+    -> ``holdout``), and two run folders with one split are an error."""
+    found: dict[tuple[str, str, str], Path] = {}
     for path in sorted(Path(work).glob(PATTERN)):
         model, _, kind = path.stem.removeprefix("predictions_").rpartition("_")
-        if model and kind in SETS:
-            found[(path.parents[2].name, model, kind)] = path
+        if not model or kind not in sets:
+            continue
+        run = path.parents[2].name
+        key = (run.rpartition("-")[2] if by_split else run, model, kind)
+        if key in found:
+            raise DataError(f"{work}: {found[key].parents[2].name} and {run} are both split {key[0]!r}; "
+                            "--by-split needs one run folder per split")  # fmt: skip
+        found[key] = path
     return found
 
 
@@ -93,9 +108,11 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, path_a: Path, path_b: Path, samples
     return {k: diff[k] for k in KEYS}
 
 
-def compare(work_a: Path, work_b: Path, samples: int = 1000, level: float = 0.95, seed: int = 42) -> list[dict]:
-    """One row per prediction file both folders hold: run folder, model, set, images, A - B per key."""
-    fa, fb = prediction_files(work_a), prediction_files(work_b)
+def compare(work_a: Path, work_b: Path, samples: int = 1000, level: float = 0.95, seed: int = 42, *,
+            by_split: bool = False, sets: tuple[str, ...] = SETS) -> list[dict]:
+    """One row per prediction file both folders hold: run folder (its split with ``by_split``),
+    model, set, images, A - B per key; only the files of ``sets``."""
+    fa, fb = prediction_files(work_a, by_split, sets), prediction_files(work_b, by_split, sets)
     common = sorted(set(fa) & set(fb))
     if not common:
         raise DataError(f"{work_a} and {work_b} have no prediction file in common ({PATTERN}; "
@@ -131,11 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     ap.add_argument("--seed", type=int, default=42, help="seed of the resamples (default 42)")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--by-split", action="store_true",
+                    help="match run folders by split alone (runs on other training data, e.g. --isic-only)")
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma list of the sets to pair (default {','.join(SETS)})")
     ns = ap.parse_args(argv)
     if ns.samples < 1 or not 0 < ns.level < 1:
         ap.error("--samples must be >= 1 and --level within (0, 1)")
+    sets = tuple(s.strip() for s in ns.sets.split(",") if s.strip())
+    if not sets or any(s not in SETS for s in sets):
+        ap.error(f"--sets: a comma list of {', '.join(SETS)}, got {ns.sets!r}")
     try:
-        rows = compare(ns.work_a, ns.work_b, ns.samples, ns.level, ns.seed)
+        rows = compare(ns.work_a, ns.work_b, ns.samples, ns.level, ns.seed, by_split=ns.by_split, sets=sets)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

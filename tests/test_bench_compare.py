@@ -128,3 +128,35 @@ def test_cli_prints_and_writes_json(tmp_path: Path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["a_minus_b"]["balanced_accuracy"]["difference"] == 0.0  # the same model: no difference
     assert "A minus B" in capsys.readouterr().out
+
+
+def test_runs_on_other_training_data_pair_by_split_and_on_the_sets_asked_for(tmp_path: Path, capsys):
+    y, pa = _data(8, skill=2.0)
+    _, pb = _data(9, skill=0.5)
+    ids_a = [f"ISIC_{i:07d}" for i in range(len(y))]
+    _run(tmp_path / "a", y, pa, run="ham10000+isic-holdout")
+    _run(tmp_path / "a", y, pa, run="ham10000+isic-random", kind="external")
+    _run(tmp_path / "a", y, pa, run="ham10000+isic-random", ids=[i + "x" for i in ids_a])  # other test images
+    _run(tmp_path / "b", y, pb, run="ham10000-holdout")
+    _run(tmp_path / "b", y, pb, run="ham10000-random", kind="external")
+    _run(tmp_path / "b", y, pb, run="ham10000-random")
+    with pytest.raises(compare.DataError, match="no prediction file in common"):
+        compare.compare(tmp_path / "a", tmp_path / "b", samples=50)  # the folders' names differ
+    with pytest.raises(compare.DataError, match="different images"):
+        compare.compare(tmp_path / "a", tmp_path / "b", samples=50, by_split=True)  # the random test sets differ
+    rows = compare.compare(tmp_path / "a", tmp_path / "b", samples=50, by_split=True, sets=("external",))
+    assert [(r["run"], r["set"]) for r in rows] == [("random", "external")]
+    assert rows[0]["a_minus_b"]["accuracy"]["difference"] == pytest.approx(
+        classification_metrics(y, pa)["accuracy"] - classification_metrics(y, pb)["accuracy"])
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--samples", "50", "--by-split",
+                         "--sets", "test"]) == 2  # fmt: skip
+    assert "different images" in capsys.readouterr().err
+    (tmp_path / "b" / "ham10000-random").rename(tmp_path / "b" / "keep")
+    rows = compare.compare(tmp_path / "a", tmp_path / "b", samples=50, by_split=True, sets=("test",))
+    assert [(r["run"], r["set"]) for r in rows] == [("holdout", "test")]
+    # two runs of one split under one folder cannot be told apart by split
+    _run(tmp_path / "b", y, pb, run="ham10000+isic-holdout")
+    with pytest.raises(compare.DataError, match="both split 'holdout'"):
+        compare.compare(tmp_path / "a", tmp_path / "b", samples=50, by_split=True)
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--sets", "train"])
