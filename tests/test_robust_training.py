@@ -283,8 +283,8 @@ def test_random_conv_blends_a_size_keeping_filter_with_the_image() -> None:
 
 
 def test_randconv_draws_a_fixed_count_applies_with_its_probability_and_keeps_other_views() -> None:
-    from pipeline.core.imaging import to_model_input
-    from pipeline.core.training import CPU, OnlineAugment
+    from pipeline.core.imaging import MEAN, STD, normalize_unit, to_model_input
+    from pipeline.core.training import CPU, OnlineAugment, random_conv
 
     x = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     plain = to_model_input(x)
@@ -298,35 +298,24 @@ def test_randconv_draws_a_fixed_count_applies_with_its_probability_and_keeps_oth
     same = on(x[:1].repeat(3, 1, 1, 1), torch.Generator().manual_seed(8), CPU)
     torch.testing.assert_close(same[0], same[2])
     # a fixed number of draws whatever happens, so resume is bit-identical; probability 0 < p < 1 skips some calls
-    states = set()
-    applied = 0
+    applied, states = {}, {}
     for p in (0.0, 0.5, 1.0):
         g = torch.Generator().manual_seed(9)
         outs = [OnlineAugment(randconv=p, randconv_kernels=(1, 5))(x.clone(), g, CPU) for _ in range(40)]
-        states.add(bytes(g.get_state().numpy()))
-        n = sum(not torch.allclose(o, plain) for o in outs)
-        if p == 0.5:
-            applied = n
-        else:
-            assert n == (40 if p == 1.0 else 0)
-    assert 10 <= applied <= 30
-    assert len(states) == 2  # p = 0 draws nothing; 0.5 and 1.0 draw the same count
+        applied[p], states[p] = sum(not torch.allclose(o, plain) for o in outs), bytes(g.get_state().numpy())
+    assert applied[0.0] == 0 and 10 <= applied[0.5] <= 30 and applied[1.0] == 40
+    assert states[0.5] == states[1.0] != states[0.0]  # p = 0 draws nothing; 0.5 and 1.0 draw the same count
     # with the colour jitter: the filter is applied after it, to the same jittered images
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     both = OnlineAugment(color=0.3, randconv=1.0)(x.clone(), g1, CPU)
     jitter = OnlineAugment(color=0.3)(x.clone(), g2, CPU)
     assert not torch.allclose(both, jitter)
-    from pipeline.core.imaging import MEAN, STD
-    from pipeline.core.training import random_conv
-
     unit = jitter * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     u = torch.rand(3, generator=g2).tolist()
     w = torch.randn((3, 3, 5, 5), generator=g2)
     k = (1, 3, 5)[int(u[1] * 3)]
     lo = (5 - k) // 2
     expected = random_conv(unit, w[:, :, lo : lo + k, lo : lo + k] / (3 * k * k) ** 0.5, u[2])
-    from pipeline.core.imaging import normalize_unit
-
     torch.testing.assert_close(both, normalize_unit(expected), atol=1e-5, rtol=1e-5)
 
 
