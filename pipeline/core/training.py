@@ -375,7 +375,7 @@ class OnlineAugment:
         w = torch.randn((3, 3, k_max, k_max), generator=gen)
         if u[0] >= self.randconv:
             return None
-        k = self.randconv_kernels[min(int(u[1] * len(self.randconv_kernels)), len(self.randconv_kernels) - 1)]
+        k = self.randconv_kernels[int(u[1] * len(self.randconv_kernels))]  # u[1] < 1: a valid index
         lo = (k_max - k) // 2
         return w[:, :, lo : lo + k, lo : lo + k] / math.sqrt(3 * k * k), u[2]
 
