@@ -7,7 +7,8 @@ The ``augment`` stage (:mod:`pipeline.stages.augment`) reads the validated manif
   ``augment.keep_original``) and augmented copies ``1..K``;
 * ``val/<id>__a0.png``, ``test/<id>__a0.png`` -- only resized (evaluation sees unaltered images;
   colour constancy is applied at scoring time, see below);
-* ``manifest.parquet`` with :data:`pipeline.core.schema.AUGMENTED_COLUMNS` and ``meta.json``
+* ``manifest.parquet`` with :data:`pipeline.core.schema.AUGMENTED_COLUMNS` (and ``source_site``,
+  the original's acquisition site, for site-adversarial training) and ``meta.json``
   (``image_size`` of the written images: the train stage reads its resolution from there).
 
 Design choices:

@@ -8,7 +8,8 @@ Every stage that consumes another stage's table reads it here, so "not found: ru
   ``source_site`` column existed reads with ``source_site = "unknown"`` (one site);
 * :func:`read_validated` -- the validated manifest with labels, splits and ids checked;
 * :func:`read_augmented` -- ``data/augmented/manifest.parquet`` and the folder's ``meta.json``
-  (the resolution the images were written at);
+  (the resolution the images were written at); a manifest written before its ``source_site``
+  column existed reads with ``source_site = "unknown"``;
 * :func:`read_pairs` -- ``data/pairs.parquet``.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.core.schema import AUGMENTED_COLUMNS, MANIFEST_COLUMNS, PAIR_COLUMNS, SPLITS, ensure_columns
+from pipeline.core.schema import AUGMENTED_COLUMNS, AUGMENTED_SITE, MANIFEST_COLUMNS, PAIR_COLUMNS, SPLITS, ensure_columns
 from pipeline.errors import DataError
 from pipeline.labels import CLASSES
 
@@ -85,6 +86,8 @@ def read_augmented(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``(manifest, meta)`` of the augmented folder; ``meta["image_size"]`` is the images' side."""
     folder = Path(folder)
     df = read_parquet(folder / "manifest.parquet", "augment", AUGMENTED_COLUMNS)
+    if AUGMENTED_SITE not in df.columns:  # written before augment recorded the sites
+        df = df.assign(**{AUGMENTED_SITE: UNKNOWN_SITE})
     df = df.assign(image_id=df["image_id"].astype(str), split=df["split"].astype(str), path=df["path"].astype(str))
     meta_path = folder / AUGMENTED_META
     try:

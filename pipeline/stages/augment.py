@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.augment import copy_seed, plan_outputs, summarize
-from pipeline.core.schema import AUGMENTED_COLUMNS, SPLITS
+from pipeline.core.schema import AUGMENTED_COLUMNS, AUGMENTED_SITE, SPLITS
 from pipeline.errors import DataError, StorageError
 from pipeline.io.augment_writer import STORAGE, WriteTask, write_all
 from pipeline.io.files import atomic_dir
@@ -73,7 +73,7 @@ def run_augment(cfg: Config) -> dict[str, Any]:
                 raise StorageError(storage[0] + (f" (and {len(storage) - 1} more)" if len(storage) > 1 else ""))
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise DataError(errors[0] + more)
-        out = plan[list(AUGMENTED_COLUMNS)].reset_index(drop=True)
+        out = plan[[*AUGMENTED_COLUMNS, AUGMENTED_SITE]].reset_index(drop=True)
         out.to_parquet(tmp / layout.augmented_manifest.name, index=False)
         meta = {"format": 1, "image_size": cfg.augment.image_size, "images": len(out),
                 "digest": augmented_digest(manifest, cfg)}
