@@ -75,7 +75,9 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     then on the average is validated and kept, as for the twin; every step with ``train.swa_every:
     step``; batch-norm statistics recomputed over the train images with ``train.swa_bn:
     recompute``) and, for the twin's backbone, style mixing (``train.mixstyle_*``) as the twin, on
-    the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`)."""
+    the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`). Not the
+    twin's site-adversarial term (``train.site_adversarial``): the baselines stay plain classifiers,
+    so with it on, the twin's lead over them includes what the adversary adds."""
     import torch
     import torch.nn.functional as F
 

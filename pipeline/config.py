@@ -351,6 +351,15 @@ class TrainConfig(_Section):
     # mixstyle_alpha) mix of its own and another image's per-channel mean / std. 0 = off.
     mixstyle_p: float = Field(0.0, ge=0, le=1)
     mixstyle_alpha: float = Field(0.1, gt=0, le=100)
+    # Site-adversarial training (pipeline.core.adversarial; DANN, Ganin et al. JMLR 2016): a
+    # training-only classifier guesses each image's acquisition site (augmented manifest
+    # source_site) from the twin's GAP vectors behind a gradient-reversal layer, so the shared
+    # features are pushed to carry no site. This is the reversed gradient's largest coefficient
+    # (ramped up from 0 over training); 0 = off. "conditional": one site classifier per class (the
+    # label given), so a site's class mix is not what is removed; "marginal": one for all images.
+    site_adversarial: float = Field(0.0, ge=0, le=100)
+    site_adversarial_mode: Literal["conditional", "marginal"] = "conditional"
+    site_adversarial_hidden: int = Field(128, ge=1, le=65_536)
     # Mixup / CutMix of pair batches (pipeline.core.training.BatchMix): a batch is blended with a
     # shuffled copy of itself, both images of each pair with the same weight lam ~ Beta(alpha, alpha)
     # (mixup: whole images; CutMix: one box, lam = the area kept), and every loss term is the same

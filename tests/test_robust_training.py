@@ -669,7 +669,8 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     today = train_digest(cfg, data, 1)  # type: ignore[arg-type]
     later = {
         TrainConfig: ("ema_decay", "swa_start", "swa_every", "swa_bn", "mixstyle_p", "mixstyle_alpha",
-                      "mixup_alpha", "cutmix_alpha", "mix_prob", "online_randconv", "online_randconv_kernels"),
+                      "mixup_alpha", "cutmix_alpha", "mix_prob", "online_randconv", "online_randconv_kernels",
+                      "site_adversarial", "site_adversarial_mode", "site_adversarial_hidden"),
         LossConfig: ("label_smoothing",),
     }
     for cls, keys in later.items():

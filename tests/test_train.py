@@ -57,8 +57,11 @@ def make_work(
     per_class: tuple[int, int, int] = (4, 2, 2),
     pair_epochs: int = 2,
     seed: int = 0,
+    sites: int = 0,
 ) -> Layout:
-    """Write ``augmented/manifest.parquet`` + PNGs and ``pairs.parquet`` below ``work``."""
+    """Write ``augmented/manifest.parquet`` + PNGs and ``pairs.parquet`` below ``work``; with
+    ``sites`` > 0 the manifest has a ``source_site`` column (``site0``, ``site1``, ... in turn
+    within each class and split), else none (a manifest written before the column existed)."""
     layout = Layout(work)
     rng = np.random.default_rng(seed)
     rows = []
@@ -75,6 +78,8 @@ def make_work(
                      "group_id": image_id, "split": split, "copy": 0}
                 )
     aug = pd.DataFrame(rows, columns=list(AUGMENTED_COLUMNS))
+    if sites:
+        aug["source_site"] = [f"site{int(i.rsplit('_', 1)[1]) % sites}" for i in aug["image_id"]]
     aug.to_parquet(layout.augmented_manifest, index=False)
     (layout.augmented_dir / "meta.json").write_text(json.dumps({"format": 1, "image_size": size}))
 

@@ -36,6 +36,9 @@ Design choices (the patent leaves these open; each is deliberate):
 * **Mixing** (:class:`BatchMix`, ``train.mixup_alpha`` / ``cutmix_alpha``, off by default): after
   the views, a batch may be blended with a shuffled copy of itself, both images of a pair alike,
   and the joint loss blended the same way (soft targets for both branches and the discriminator).
+* **Site adversary** (:class:`SiteAdversary`, ``train.site_adversarial``, off by default): a
+  training-only site classifier on both halves' GAP vectors behind a gradient reversal
+  (:mod:`pipeline.core.adversarial`); its loss joins the backward pass only.
 * **Sharding.** Under DDP each rank takes every ``world``-th shuffled pair (like
   ``DistributedSampler``, padded to a multiple of the world size) and every ``world``-th val image;
   the loss sums are reduced with the ``all_reduce`` callable the stage passes in.
@@ -55,6 +58,7 @@ import numpy as np
 import torch
 
 from pipeline.config import LossConfig, TrainConfig
+from pipeline.core.adversarial import dann_coefficient, site_loss
 from pipeline.core.imaging import normalize_unit, to_model_input
 from pipeline.core.losses import focal_loss, joint_loss, mixed_joint_loss
 from pipeline.core.model import TwinNet
@@ -152,6 +156,10 @@ class TrainData:
     digest: str
     # colour constancy of the train copies ({} = none); the val rows are corrected the same way
     preprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # acquisition site per image row (index into site_names, the train images' sites, sorted;
+    # -1 for a val image from a site no train image has); used by train.site_adversarial
+    sites: np.ndarray | None = None
+    site_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,23 +240,29 @@ def epoch_batches(data: TrainData, epoch: int, batch_size: int, seed: int, rank:
 
 
 class BatchSet(torch.utils.data.Dataset):
-    """Whole batches as items: (left uint8, right uint8, y_left, y_right)."""
+    """Whole batches as items: (left uint8, right uint8, y_left, y_right), and with ``sites`` (the
+    site index per image row, for :class:`SiteAdversary`) also (site_left, site_right)."""
 
-    def __init__(self, images: Images, labels: np.ndarray, pe: PairEpoch, batches: list[np.ndarray]):
-        self.images, self.labels, self.pe, self.batches = images, labels, pe, batches
+    def __init__(
+        self, images: Images, labels: np.ndarray, pe: PairEpoch, batches: list[np.ndarray], sites: np.ndarray | None = None
+    ):
+        self.images, self.labels, self.pe, self.batches, self.sites = images, labels, pe, batches, sites
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         idx = self.batches[i]
         lrows, rrows = self.pe.left[idx], self.pe.right[idx]
-        return (
+        items = (
             torch.from_numpy(self.images.take(lrows)),
             torch.from_numpy(self.images.take(rrows)),
             torch.from_numpy(self.labels[lrows]),
             torch.from_numpy(self.labels[rrows]),
         )
+        if self.sites is None:
+            return items
+        return (*items, torch.from_numpy(self.sites[lrows]), torch.from_numpy(self.sites[rrows]))
 
 
 def iter_batches(ds: BatchSet, num_workers: int, pin: bool) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -686,6 +700,22 @@ def swa_epoch_end(
     return swa.module
 
 
+@dataclass(frozen=True)
+class SiteAdversary:
+    """The site-adversarial term of one epoch (``train.site_adversarial``,
+    :mod:`pipeline.core.adversarial`): the site head (trained by the same optimizer), the largest
+    reversed-gradient coefficient, and the optimizer steps before this epoch and in all, which give
+    the ramp's progress at each step (so a resumed run continues the same ramp)."""
+
+    head: torch.nn.Module
+    weight: float
+    first_step: int
+    total_steps: int
+
+    def coefficient(self, step_in_epoch: int) -> float:
+        return dann_coefficient((self.first_step + step_in_epoch) / max(1, self.total_steps), self.weight)
+
+
 def train_epoch(
     model: torch.nn.Module,
     batches: Iterator[tuple[torch.Tensor, ...]],
@@ -701,19 +731,24 @@ def train_epoch(
     epoch: int,
     on_step: Callable[[dict[str, float], float], None] | None = None,
     averaged: Any = None,
+    adversary: SiteAdversary | None = None,
 ) -> tuple[dict[str, float], float]:
     """One pass over ``batches``: ``(loss sums weighted by batch size, pairs seen)``.
 
     ``averaged`` (:func:`build_ema`, or :func:`build_swa` when :func:`swa_per_step`) is updated
-    after every optimizer step.
+    after every optimizer step. With ``adversary`` the batches carry the two sides' site indices
+    (:class:`BatchSet` with ``sites``), the site loss of both halves' GAP vectors joins the
+    backward pass and its sum is reported as ``train_site`` (the joint loss sums are unchanged).
 
     Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause).
     """
     sums = dict.fromkeys(TRAIN_SUMS, 0.0)
+    if adversary is not None:
+        sums["train_site"] = 0.0
     n_seen = 0.0
     views = OnlineAugment.from_config(tc)
     mixing = BatchMix.from_config(tc)
-    for xl_u8, xr_u8, yl, yr in batches:
+    for step, (xl_u8, xr_u8, yl, yr, *sites) in enumerate(batches):
         xl, xr = views(xl_u8, gen, ds), views(xr_u8, gen, ds)
         yl, yr = yl.to(ds.device, non_blocking=True), yr.to(ds.device, non_blocking=True)
         mix = mixing.draw(xl.shape[0], (xl.shape[-2], xl.shape[-1]), gen)
@@ -721,15 +756,24 @@ def train_epoch(
             xl, xr = mix.apply(xl), mix.apply(xr)
         with ds.autocast():
             out = model(xl, xr)
+        out = float_output(out)
+        perm = None if mix is None else mix.perm.to(yl.device)
         if mix is None:
-            loss = joint_loss(float_output(out), yl, yr, loss_cfg, alpha)
+            loss = joint_loss(out, yl, yr, loss_cfg, alpha)
         else:
-            perm = mix.perm.to(yl.device)
-            loss = mixed_joint_loss(float_output(out), yl, yr, loss_cfg, mix.lam, perm, alpha)
-        if not torch.isfinite(loss.total):
+            loss = mixed_joint_loss(out, yl, yr, loss_cfg, mix.lam, perm, alpha)
+        objective = loss.total
+        if adversary is not None:
+            y2, s2 = torch.cat([yl, yr]), torch.cat(sites).to(ds.device, non_blocking=True)
+            site = site_loss(
+                adversary.head, torch.cat([out.pooled1, out.pooled2]), y2, s2, adversary.coefficient(step),
+                1.0 if mix is None else mix.lam, None if perm is None else torch.cat([perm, perm + yl.shape[0]]),
+            )  # fmt: skip
+            objective = objective + site
+        if not torch.isfinite(objective):
             raise PipelineError(f"non-finite training loss at epoch {epoch + 1}; lower train.lr")
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss.total).backward()
+        scaler.scale(objective).backward()
         scaler.step(opt)
         scaler.update()
         sched.step()
@@ -739,6 +783,8 @@ def train_epoch(
         n_seen += n
         for key, val in zip(TRAIN_SUMS, (loss.total, loss.focal1, loss.focal2, loss.disc), strict=True):
             sums[key] += float(val.detach()) * n
+        if adversary is not None:
+            sums["train_site"] += float(site.detach()) * n
         if on_step is not None:
             on_step(sums, n_seen)
     return sums, n_seen

@@ -46,6 +46,13 @@ pieces of :mod:`pipeline.core.training` (design choices there).
 * **Mixup / CutMix.** ``train.mixup_alpha`` / ``cutmix_alpha`` > 0 blend training batches with a
   shuffled copy of themselves (:class:`pipeline.core.training.BatchMix`), pairs and joint loss
   alike; validation and the export never mix. Left out of the resume digest while off.
+* **Site-adversarial training.** ``train.site_adversarial`` > 0 trains a site classifier
+  (:class:`pipeline.core.adversarial.SiteHead`, same optimizer) on the twin's GAP vectors behind a
+  gradient reversal; each image's site is the augmented manifest's ``source_site``. Only the
+  backward pass sees its loss (``train_site`` in the history); validation, the lowest-loss state
+  and the export are the twin's alone. The head is kept in ``last.pt`` for resume, never in
+  ``best.pt``. Left out of the resume digest while off; while on, the digest covers which image is
+  from which site.
 """
 
 from __future__ import annotations
@@ -67,12 +74,14 @@ from pipeline.config import Config
 from pipeline.core.imaging import color_constancy
 from pipeline.core.losses import class_alpha
 from pipeline.core.model import build_twin, count_parameters, inference_model
-from pipeline.core.schema import PAIR_COLUMNS
+from pipeline.core.adversarial import SiteHead
+from pipeline.core.schema import AUGMENTED_SITE, PAIR_COLUMNS
 from pipeline.core.training import (
     HISTORY_COLUMNS,
     BatchSet,
     CorrectedRows,
     PairEpoch,
+    SiteAdversary,
     TrainData,
     build_ema,
     build_optimizer,
@@ -104,6 +113,8 @@ from pipeline.layout import Layout
 log = logging.getLogger(__name__)
 
 STOP_ENV = "SKIN_TWIN_STOP_AFTER_EPOCH"
+# history columns written only when their knob is on (train_site: train.site_adversarial)
+EXTRA_HISTORY_COLUMNS = ("train_site",)
 # Train params that change neither the arithmetic nor the result (not part of the digest).
 _NON_SEMANTIC_TRAIN_KEYS = ("progress", "num_workers", "cpu_threads", "device")
 
@@ -193,6 +204,10 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
     if pre.get("color_constancy", "none") != "none":
         corrected = color_constancy(cache.take(val_rows), str(pre["color_constancy"]), float(pre["sog_power"]))
         images = CorrectedRows(cache, n_train, corrected)
+    site_of = used[AUGMENTED_SITE].astype(str).to_numpy()
+    site_names = tuple(sorted(set(site_of[:n_train])))
+    site_index = {name: i for i, name in enumerate(site_names)}
+    sites = np.array([site_index.get(x, -1) for x in site_of], dtype=np.int64)
     vl, vr, vs = validation_pairs(labels[val_rows], cfg.seed)
     class_counts = np.bincount(labels[:n_train], minlength=NUM_CLASSES)
     # Content and relative paths only (never where the run folder is): a checkpoint resumes after
@@ -218,6 +233,8 @@ def load_train_data(cfg: Config, rank: int = 0, barrier: Any = None) -> TrainDat
         image_size=size,
         digest=digest,
         preprocess=pre,
+        sites=sites,
+        site_names=site_names,
     )
 
 
@@ -244,6 +261,12 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
             tc.pop(key, None)
     if loss.get("label_smoothing") == 0.0:
         loss.pop("label_smoothing", None)
+    sites = {}
+    if tc.get("site_adversarial", 0.0) > 0:  # which image is from which site is an input of the site loss
+        sites = {"sites": hashlib.sha256(json.dumps(data.site_names).encode() + data.sites.tobytes()).hexdigest()}
+    else:
+        for key in ("site_adversarial", "site_adversarial_mode", "site_adversarial_hidden"):
+            tc.pop(key, None)
     payload = {
         "seed": cfg.seed,
         "model": cfg.model.recorded(),
@@ -252,6 +275,7 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
         "image_size": data.image_size,
         "data": data.digest,
         "world": world,
+        **sites,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -289,8 +313,13 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         twin.to(memory_format=torch.channels_last)
     alpha_vals = class_alpha(cfg.loss.alpha, data.class_counts)
     alpha = None if alpha_vals is None else torch.as_tensor(alpha_vals, dtype=torch.float32, device=ds.device)
+    site_head = _site_head(cfg, data)
+    trained = list(twin.parameters())
+    if site_head is not None:
+        site_head.to(ds.device)
+        trained += list(site_head.parameters())
 
-    opt = build_optimizer(twin.parameters(), tc)
+    opt = build_optimizer(trained, tc)
     per_epoch_batches = [
         len(epoch_batches(data, e, tc.batch_size, cfg.seed, dist.rank, dist.world)[1]) for e in range(tc.epochs)
     ]
@@ -323,6 +352,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             ema.load_state_dict(ckpt["ema"])
         if swa is not None and ckpt.get("swa"):
             swa.load_state_dict(ckpt["swa"])
+        if site_head is not None:
+            site_head.load_state_dict(ckpt["site_head"])
         rng = ckpt["rng"]
         if len(rng) == dist.world:
             set_rng_state(rng[dist.rank], gen)
@@ -342,6 +373,13 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             twin, device_ids=[ds.device.index] if ds.device.type == "cuda" else None
         )
     model.train()
+    adversary_head: torch.nn.Module | None = site_head
+    if site_head is not None:
+        site_head.train()
+        if dist.enabled:
+            adversary_head = torch.nn.parallel.DistributedDataParallel(
+                site_head, device_ids=[ds.device.index] if ds.device.type == "cuda" else None
+            )
 
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     val_batch = max(cfg.evaluate.batch_size, tc.batch_size)
@@ -359,11 +397,14 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix({k.replace("train_", ""): f"{v / n_seen:.4f}" for k, v in sums.items()})
 
+        adversary = None
+        if adversary_head is not None:
+            adversary = SiteAdversary(adversary_head, tc.site_adversarial, sum(per_epoch_batches[:epoch]), total_steps)
+        batch_set = BatchSet(data.images, data.labels, pe, batches, data.sites if adversary is not None else None)
         sums, n_seen = train_epoch(
-            model,
-            iter_batches(BatchSet(data.images, data.labels, pe, batches), tc.num_workers, ds.device.type == "cuda"),
+            model, iter_batches(batch_set, tc.num_workers, ds.device.type == "cuda"),
             opt=opt, sched=sched, scaler=scaler, gen=gen, tc=tc, loss_cfg=cfg.loss, alpha=alpha, ds=ds,
-            epoch=epoch, on_step=on_step, averaged=swa if swa_per_step(epoch + 1, tc) else ema,
+            epoch=epoch, on_step=on_step, averaged=swa if swa_per_step(epoch + 1, tc) else ema, adversary=adversary,
         )  # fmt: skip
         if bar is not None:
             bar.close()
@@ -389,10 +430,12 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             best = {"epoch": epoch + 1, **val, "state": cpu_state(judged)}
         rng_states = dist.gather_objects(rng_state(gen))
         if dist.is_main:
+            site = f" site {train_means['train_site']:.4f}" if "train_site" in train_means else ""
             log.info(
-                "epoch %d/%d: train %.4f | val b1 %.4f b2 %.4f disc %.4f total %.4f%s (%.1fs)",
-                epoch + 1, tc.epochs, train_means["train_loss"], val["val_loss_branch1"], val["val_loss_branch2"],
-                val["val_loss_discriminator"], val["val_loss_total"], " *best*" if improved else "", row["seconds"],
+                "epoch %d/%d: train %.4f%s | val b1 %.4f b2 %.4f disc %.4f total %.4f%s (%.1fs)",
+                epoch + 1, tc.epochs, train_means["train_loss"], site, val["val_loss_branch1"],
+                val["val_loss_branch2"], val["val_loss_discriminator"], val["val_loss_total"],
+                " *best*" if improved else "", row["seconds"],
             )  # fmt: skip
             assert best is not None
             if improved:
@@ -412,6 +455,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                     "best": best,
                     **({"ema": cpu_state(ema)} if ema is not None else {}),
                     **({"swa": cpu_state(swa)} if swa is not None else {}),
+                    **({"site_head": cpu_state(site_head)} if site_head is not None else {}),
                 },
             )
             _write_history(layout.train_dir, history)
@@ -474,9 +518,28 @@ def _best_payload(
     }
 
 
+def _site_head(cfg: Config, data: TrainData) -> SiteHead | None:
+    """The site classifier of ``train.site_adversarial`` (None while 0), built after the twin so
+    the twin's initial weights do not depend on it. Raises :class:`DataError` when the train
+    images come from fewer than two sites (nothing to tell apart)."""
+    tc = cfg.train
+    if tc.site_adversarial == 0.0:
+        return None
+    if len(data.site_names) < 2:
+        raise DataError(
+            f"train.site_adversarial needs train images from at least two acquisition sites (the augmented "
+            f"manifest's source_site); found {list(data.site_names)}. Set it to 0, or re-run augment if its "
+            "manifest predates the source_site column"
+        )
+    classes = NUM_CLASSES if tc.site_adversarial_mode == "conditional" else 0
+    return SiteHead(cfg.model.head_channels, tc.site_adversarial_hidden, len(data.site_names), classes)
+
+
 def _write_history(train_dir: Path, history: list[dict[str, float]]) -> None:
-    rows = [{k: r[k] for k in HISTORY_COLUMNS} for r in history]
-    write_table(train_dir / "history.csv", pd.DataFrame(rows, columns=list(HISTORY_COLUMNS)))
+    extra = [k for k in EXTRA_HISTORY_COLUMNS if history and k in history[0]]
+    columns = [*HISTORY_COLUMNS[:-2], *extra, *HISTORY_COLUMNS[-2:]]  # before lr and seconds
+    rows = [{k: r[k] for k in columns} for r in history]
+    write_table(train_dir / "history.csv", pd.DataFrame(rows, columns=columns))
     write_json(train_dir / "history.json", rows)
 
 
