@@ -71,10 +71,10 @@ import pandas as pd
 import torch
 
 from pipeline.config import Config
+from pipeline.core.adversarial import SiteHead
 from pipeline.core.imaging import color_constancy
 from pipeline.core.losses import class_alpha
 from pipeline.core.model import build_twin, count_parameters, inference_model
-from pipeline.core.adversarial import SiteHead
 from pipeline.core.schema import AUGMENTED_SITE, PAIR_COLUMNS
 from pipeline.core.training import (
     HISTORY_COLUMNS,
