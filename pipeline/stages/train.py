@@ -367,19 +367,15 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         log.info("training from scratch: %d epochs, %s, world size %d", tc.epochs, ds.describe(), dist.world)
     dist.barrier()
 
-    model: torch.nn.Module = twin
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            twin, device_ids=[ds.device.index] if ds.device.type == "cuda" else None
+    def wrapped(module: torch.nn.Module) -> torch.nn.Module:  # the trained modules, DDP under torchrun
+        if not dist.enabled:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[ds.device.index] if ds.device.type == "cuda" else None
         )
-    model.train()
-    adversary_head: torch.nn.Module | None = site_head
-    if site_head is not None:
-        site_head.train()
-        if dist.enabled:
-            adversary_head = torch.nn.parallel.DistributedDataParallel(
-                site_head, device_ids=[ds.device.index] if ds.device.type == "cuda" else None
-            )
+
+    model = wrapped(twin).train()
+    adversary_head = None if site_head is None else wrapped(site_head.train())
 
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     val_batch = max(cfg.evaluate.batch_size, tc.batch_size)
