@@ -131,15 +131,11 @@ def test_site_adversarial_is_left_out_of_the_resume_digest_while_off(tmp_path: P
 def test_site_adversarial_changes_training_resumes_bit_identically_and_exports_an_ordinary_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    import test_train
-
     from pipeline.stages.select import run_select
     from pipeline.stages.train import run_train
 
-    real_make_work = test_train.make_work
-    monkeypatch.setattr(test_train, "make_work", lambda work, **kw: real_make_work(work, sites=2, **kw))
     extra = {"train.epochs": 3, "pairs.epochs": 2, "train.site_adversarial": 1.0, "train.site_adversarial_mode": mode}
-    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra)
+    full, killed, cfg = stopped_after_one_epoch(tmp_path, monkeypatch, extra, sites=2)
     assert run_train(cfg)["resumed_after_epoch"] == 1
     a = torch.load(full.train_dir / "last.pt", map_location="cpu", weights_only=True)
     b = torch.load(killed.train_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -148,7 +144,7 @@ def test_site_adversarial_changes_training_resumes_bit_identically_and_exports_a
     groups = 7 if mode == "conditional" else 1
     assert a["site_head"]["mlp.2.weight"].shape == (groups * 2, 128)
 
-    plain = real_make_work(tmp_path / "plain", sites=2)
+    plain = make_work(tmp_path / "plain", sites=2)
     run_train(tiny_cfg(tmp_path / "plain", **{"train.epochs": 3, "pairs.epochs": 2}))
     c = torch.load(plain.train_dir / "last.pt", map_location="cpu", weights_only=True)
     assert "site_head" not in c

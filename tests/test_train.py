@@ -291,14 +291,15 @@ def test_run_train_rejects_pairs_with_unknown_ids(tmp_path: Path) -> None:
         run_train(tiny_cfg(tmp_path / "w"))
 
 
-def stopped_after_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict):
+def stopped_after_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict, **work: Any):
     """An uninterrupted run in ``full`` and one stopped after its first epoch in ``killed`` (same
-    params). Returns (full layout, killed layout, the killed run's config) for the resume checks."""
+    params; ``work``: :func:`make_work`'s options for both). Returns (full layout, killed layout,
+    the killed run's config) for the resume checks."""
     from pipeline.stages.train import STOP_ENV, TrainingStopped, run_train
 
-    full = make_work(tmp_path / "full")
+    full = make_work(tmp_path / "full", **work)
     run_train(tiny_cfg(tmp_path / "full", **extra))
-    killed = make_work(tmp_path / "killed")
+    killed = make_work(tmp_path / "killed", **work)
     cfg = tiny_cfg(tmp_path / "killed", **extra)
     monkeypatch.setenv(STOP_ENV, "1")
     with pytest.raises(TrainingStopped):
@@ -346,10 +347,12 @@ def test_changed_params_start_fresh(tmp_path: Path, caplog) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
-    layout = make_work(tmp_path / "w")
+@pytest.mark.parametrize("site_adversarial", [0.0, 1.0])
+def test_ddp_gloo_two_processes(tmp_path: Path, site_adversarial: float) -> None:
+    """Two processes; with train.site_adversarial the site head is trained under DDP as well."""
+    layout = make_work(tmp_path / "w", sites=2)
     args = [f"paths.work_dir={tmp_path / 'w'}", "augment.image_size=32", "train.epochs=2", "train.batch_size=8",
-            "train.progress=false", "train.cpu_threads=1"]
+            "train.progress=false", "train.cpu_threads=1", f"train.site_adversarial={site_adversarial}"]
     args += [f"{k}={v}" for k, v in TINY_MODEL.items()]
     cmd = [
         str(Path(sys.executable).parent / "torchrun"),
@@ -373,6 +376,8 @@ def test_ddp_gloo_two_processes(tmp_path: Path) -> None:
     assert list(hist["epoch"]) == [1, 2]
     best = torch.load(layout.train_dir / "best.pt", weights_only=True)
     assert best["epoch"] in (1, 2)
+    last = torch.load(layout.train_dir / "last.pt", weights_only=True)
+    assert ("train_site" in hist.columns) == ("site_head" in last) == (site_adversarial > 0)
 
 
 def test_dataloader_workers_do_not_change_the_result(tmp_path: Path) -> None:
