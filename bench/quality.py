@@ -77,10 +77,15 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     recompute``) and, for the twin's backbone, style mixing (``train.mixstyle_*``) as the twin, on
     the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`). Not the
     twin's site-adversarial term (``train.site_adversarial``): the baselines stay plain classifiers,
-    so with it on, the twin's lead over them includes what the adversary adds."""
+    so with it on, the twin's lead over them includes what the adversary adds. The twin's logit
+    adjustment (``loss.logit_adjust``) is theirs too, on the same class counts' shift
+    (:func:`pipeline.core.losses.logit_shift`), in training and the validation loss alike: it is a
+    way of balancing the classes, as ``augment.balance`` is for all three models."""
     import torch
     import torch.nn.functional as F
 
+    from pipeline.core.losses import logit_shift
+    from pipeline.labels import NUM_CLASSES
     from pipeline.core.training import (
         BatchMix,
         OnlineAugment,
@@ -111,6 +116,8 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     best_loss, best_state, history, step = float("inf"), None, [], 0
     xt, yt = torch.from_numpy(np.asarray(x_train)), torch.from_numpy(y_train).long()
     xv, yv = np.asarray(x_val), torch.from_numpy(y_val).long().to(ds.device)
+    shift = logit_shift(cfg.loss.logit_adjust, np.bincount(np.asarray(y_train), minlength=NUM_CLASSES))
+    shift = (torch.zeros(NUM_CLASSES) if shift is None else shift).to(ds.device)  # + 0.0 changes no logit
     for epoch in range(tc.epochs):
         model.train()
         order = torch.randperm(len(xt), generator=gen)
@@ -123,7 +130,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, 0, tc.schedule)
             with ds.autocast():
-                logits = model(x).float()
+                logits = model(x).float() + shift
                 loss = F.cross_entropy(logits, y)
                 if mix is not None and mix.lam < 1.0:
                     loss = mix.lam * loss + (1.0 - mix.lam) * F.cross_entropy(logits, y[mix.perm.to(y.device)])
@@ -139,7 +146,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
             judged = swa_epoch_end(swa, model, epoch + 1, tc, np.asarray(x_train), np.arange(len(x_train)),
                                    max(bs, 64), ds)
         judged.eval()
-        val_loss = F.cross_entropy(_logits(judged, xv, ds), yv).item()
+        val_loss = F.cross_entropy(_logits(judged, xv, ds) + shift, yv).item()
         history.append({"epoch": epoch + 1, "val_loss": val_loss})
         print(f"    epoch {epoch + 1}: val_loss {val_loss:.4f}", flush=True)
         if val_loss < best_loss:

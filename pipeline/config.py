@@ -300,6 +300,9 @@ class LossConfig(_Section):
     # Label smoothing of the focal / cross-entropy targets of both branches: the one-hot target
     # becomes (1 - eps) * one_hot + eps / C. 0 = off (the patent's plain focal loss).
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Logit adjustment tau (Menon et al. 2021): both branches' focal terms see logits + tau * log(train
+    # class frequencies), in training and validation. 0 = off (the patent's plain focal loss).
+    logit_adjust: float = Field(0.0, ge=0, le=10)
 
     @field_validator("alpha")
     @classmethod

@@ -671,7 +671,7 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
         TrainConfig: ("ema_decay", "swa_start", "swa_every", "swa_bn", "mixstyle_p", "mixstyle_alpha",
                       "mixup_alpha", "cutmix_alpha", "mix_prob", "online_randconv", "online_randconv_kernels",
                       "site_adversarial", "site_adversarial_mode", "site_adversarial_hidden"),
-        LossConfig: ("label_smoothing",),
+        LossConfig: ("label_smoothing", "logit_adjust"),
     }
     for cls, keys in later.items():
         dump = cls.model_dump

@@ -15,6 +15,15 @@ Design choices:
 * Reduction ``"mean"`` is the plain mean over samples, also with ``alpha`` (unlike
   ``F.cross_entropy(weight=...)``, which divides by the sum of the target weights). The loss
   value therefore still changes with ``alpha``, and batch sums / ``N`` compose exactly.
+* **Logit adjustment** (``loss.logit_adjust`` ``tau``, 0 = off; Menon et al., "Long-tail learning
+  via logit adjustment", ICLR 2021): the focal terms of both branches see ``logits + tau * log pi``,
+  ``pi`` the training images' class frequencies (:func:`logit_shift`), in training and in the
+  validation losses alike (val shares train's class mix, so the lowest-loss state is judged on the
+  objective that was trained). The raw logits -- what the exported branch, the decision rule and
+  every prediction read -- then estimate the class-balanced posterior, without copying rare-class
+  images (``augment.balance``) to get there. With a balanced training set the shift is the same for
+  every class and changes nothing. Choice: a class with no training image counts as one, so its
+  shift stays finite (it is never a target).
 * The discriminator target "same class" is always computed from the two labels
   (``y1 == y2``), never taken from the pair generator, because the patent's step 4 can produce
   accidental same-class "negative" pairs.
@@ -45,8 +54,11 @@ def focal_loss(
     alpha: Tensor | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
     label_smoothing: float = 0.0,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """Multi-class softmax focal loss of ``logits`` (N, C) against integer ``target`` (N,).
+
+    ``shift`` (C,) is added to every row of ``logits`` first (logit adjustment, :func:`logit_shift`).
 
     ``gamma = 0`` and ``alpha = None`` is exactly cross-entropy. ``alpha`` is a (C,) tensor of
     per-class weights. ``reduction``: ``"mean"`` (plain mean over samples), ``"sum"`` or ``"none"``.
@@ -63,6 +75,10 @@ def focal_loss(
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     target = target.long()
+    if shift is not None:
+        if shift.shape != logits.shape[1:]:
+            raise ValueError(f"shift must have {logits.shape[1]} values, got shape {tuple(shift.shape)}")
+        logits = logits.float() + shift.to(device=logits.device, dtype=torch.float32)
     if label_smoothing > 0:
         logp = F.log_softmax(logits.float(), dim=1)
         n_cls = logits.shape[1]
@@ -138,6 +154,17 @@ def class_alpha(
     return torch.as_tensor(values, dtype=torch.float32)
 
 
+def logit_shift(tau: float, class_counts: Sequence[int] | np.ndarray) -> Tensor | None:
+    """``tau * log pi`` (C,) float32 from training class counts (:data:`CLASSES` order), or ``None``
+    when ``tau`` is 0 (logit adjustment off). A class with no image counts as one image."""
+    if tau < 0:
+        raise ValueError(f"logit_adjust must be >= 0, got {tau}")
+    if tau == 0:
+        return None
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64).reshape(-1), 1.0)
+    return torch.as_tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32)
+
+
 @dataclass
 class JointLoss:
     """The total loss (for ``backward``) and its unweighted parts."""
@@ -156,24 +183,34 @@ def same_target(y1: Tensor, y2: Tensor) -> Tensor:
     return (y1 == y2).long()
 
 
-def joint_loss(out: TwinOutput, y1: Tensor, y2: Tensor, cfg: LossConfig, alpha: Tensor | None = None) -> JointLoss:
+def joint_loss(
+    out: TwinOutput, y1: Tensor, y2: Tensor, cfg: LossConfig, alpha: Tensor | None = None, shift: Tensor | None = None
+) -> JointLoss:
     """``A * FL(logits1, y1) + B * FL(logits2, y2) + C * CE(same_logits, y1 == y2)``.
 
     The focal terms use ``cfg.label_smoothing`` (training); the validation losses that pick the
     lowest-loss state and the exported branch are always unsmoothed
-    (:func:`pipeline.core.training.validate`), so they stay comparable across settings."""
+    (:func:`pipeline.core.training.validate`), so they stay comparable across settings. ``shift``
+    (:func:`logit_shift`) adjusts both branches' logits, in training and validation alike."""
     if y1.shape != y2.shape:
         raise ValueError(f"label batches differ in shape: {tuple(y1.shape)} vs {tuple(y2.shape)}")
     eps = cfg.label_smoothing
-    f1 = focal_loss(out.logits1, y1, cfg.gamma, alpha, label_smoothing=eps)
-    f2 = focal_loss(out.logits2, y2, cfg.gamma, alpha, label_smoothing=eps)
+    f1 = focal_loss(out.logits1, y1, cfg.gamma, alpha, label_smoothing=eps, shift=shift)
+    f2 = focal_loss(out.logits2, y2, cfg.gamma, alpha, label_smoothing=eps, shift=shift)
     disc = F.cross_entropy(out.same_logits.float(), same_target(y1, y2))
     total = cfg.A * f1 + cfg.B * f2 + cfg.C * disc
     return JointLoss(total=total, focal1=f1, focal2=f2, disc=disc)
 
 
 def mixed_joint_loss(
-    out: TwinOutput, y1: Tensor, y2: Tensor, cfg: LossConfig, lam: float, perm: Tensor, alpha: Tensor | None = None
+    out: TwinOutput,
+    y1: Tensor,
+    y2: Tensor,
+    cfg: LossConfig,
+    lam: float,
+    perm: Tensor,
+    alpha: Tensor | None = None,
+    shift: Tensor | None = None,
 ) -> JointLoss:
     """The joint loss of a mixed pair batch (mixup / CutMix, :class:`pipeline.core.training.BatchMix`):
     ``lam * L(y1, y2) + (1 - lam) * L(y1[perm], y2[perm])``, term by term.
@@ -183,9 +220,9 @@ def mixed_joint_loss(
     smoothing applied to each of the two classes as for a plain batch), and for the discriminator
     the soft "same class" target ``lam * [y1 == y2] + (1 - lam) * [y1[perm] == y2[perm]]``: a
     mixed pair is ``lam`` of pair ``i`` and ``1 - lam`` of pair ``perm[i]`` on both sides."""
-    a = joint_loss(out, y1, y2, cfg, alpha)
+    a = joint_loss(out, y1, y2, cfg, alpha, shift)
     if lam >= 1.0:
         return a
-    b = joint_loss(out, y1[perm], y2[perm], cfg, alpha)
+    b = joint_loss(out, y1[perm], y2[perm], cfg, alpha, shift)
     parts = ("total", "focal1", "focal2", "disc")
     return JointLoss(*(lam * getattr(a, k) + (1.0 - lam) * getattr(b, k) for k in parts))

@@ -12,7 +12,7 @@ Design choices (the patent leaves these open; each is deliberate):
   (:func:`epoch_order`, so a resumed run sees the same order) and cut into batches of
   ``train.batch_size`` pairs; a trailing batch of fewer than 2 pairs is dropped (batch norm).
 * **Validation losses, every epoch** (:func:`validate`). ``val_loss_branch1`` / ``val_loss_branch2``
-  are the mean focal losses (same ``gamma``/``alpha`` as training) of each branch over **all** val
+  are the mean focal losses (same ``gamma``/``alpha``/logit adjustment as training) of each branch over **all** val
   images (each image goes through both branches). ``val_loss_discriminator`` is the mean
   cross-entropy of the discriminator on a fixed set of val pairs built once by
   :func:`validation_pairs` (one pair per val image, alternating wanted-positive / wanted-negative in
@@ -732,6 +732,7 @@ def train_epoch(
     on_step: Callable[[dict[str, float], float], None] | None = None,
     averaged: Any = None,
     adversary: SiteAdversary | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], float]:
     """One pass over ``batches``: ``(loss sums weighted by batch size, pairs seen)``.
 
@@ -739,6 +740,7 @@ def train_epoch(
     after every optimizer step. With ``adversary`` the batches carry the two sides' site indices
     (:class:`BatchSet` with ``sites``), the site loss of both halves' GAP vectors joins the
     backward pass and its sum is reported as ``train_site`` (the joint loss sums are unchanged).
+    ``shift`` is the logit adjustment of both branches (:func:`pipeline.core.losses.logit_shift`).
 
     Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause).
     """
@@ -759,9 +761,9 @@ def train_epoch(
         out = float_output(out)
         perm = None if mix is None else mix.perm.to(yl.device)
         if mix is None:
-            loss = joint_loss(out, yl, yr, loss_cfg, alpha)
+            loss = joint_loss(out, yl, yr, loss_cfg, alpha, shift)
         else:
-            loss = mixed_joint_loss(out, yl, yr, loss_cfg, mix.lam, perm, alpha)
+            loss = mixed_joint_loss(out, yl, yr, loss_cfg, mix.lam, perm, alpha, shift)
         objective = loss.total
         if adversary is not None:
             y2, s2 = torch.cat([yl, yr]), torch.cat(sites).to(ds.device, non_blocking=True)
@@ -790,9 +792,11 @@ def train_epoch(
     return sums, n_seen
 
 
-def _focal_sum(logits: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig, alpha: torch.Tensor | None) -> float:
+def _focal_sum(
+    logits: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig, alpha: torch.Tensor | None, shift: torch.Tensor | None
+) -> float:
     """Sum over the batch of the per-image focal loss (so sums over batches give the exact mean)."""
-    return float(focal_loss(logits.float(), y, loss_cfg.gamma, alpha, reduction="sum"))
+    return float(focal_loss(logits.float(), y, loss_cfg.gamma, alpha, reduction="sum", shift=shift))
 
 
 @torch.no_grad()
@@ -806,8 +810,10 @@ def validate(
     rank: int = 0,
     world: int = 1,
     all_reduce: Reduce = _no_reduce,
+    shift: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Validation losses of branch 1, branch 2, the discriminator and their weighted total."""
+    """Validation losses of branch 1, branch 2, the discriminator and their weighted total
+    (``alpha`` and the logit adjustment ``shift`` as in training; never label smoothing)."""
     was_training = twin.training
     twin.eval()
     rows = data.val_rows[rank::world]
@@ -818,8 +824,8 @@ def validate(
         y = torch.from_numpy(data.labels[r]).to(ds.device)
         with ds.autocast():
             out = twin(x, x)
-        s1 += _focal_sum(out.logits1, y, loss_cfg, alpha)
-        s2 += _focal_sum(out.logits2, y, loss_cfg, alpha)
+        s1 += _focal_sum(out.logits1, y, loss_cfg, alpha, shift)
+        s2 += _focal_sum(out.logits2, y, loss_cfg, alpha, shift)
         n_img += len(r)
     vp = data.val_pairs
     pos = np.arange(len(vp))[rank::world]

@@ -73,7 +73,7 @@ import torch
 from pipeline.config import Config
 from pipeline.core.adversarial import SiteHead
 from pipeline.core.imaging import color_constancy
-from pipeline.core.losses import class_alpha
+from pipeline.core.losses import class_alpha, logit_shift
 from pipeline.core.model import build_twin, count_parameters, inference_model
 from pipeline.core.schema import AUGMENTED_SITE, PAIR_COLUMNS
 from pipeline.core.training import (
@@ -259,8 +259,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     if tc.get("mixup_alpha") == 0.0 and tc.get("cutmix_alpha") == 0.0:
         for key in ("mixup_alpha", "cutmix_alpha", "mix_prob"):
             tc.pop(key, None)
-    if loss.get("label_smoothing") == 0.0:
-        loss.pop("label_smoothing", None)
+    for key in ("label_smoothing", "logit_adjust"):
+        if loss.get(key) == 0.0:
+            loss.pop(key, None)
     sites = {}
     if tc.get("site_adversarial", 0.0) > 0:  # which image is from which site is an input of the site loss
         sites = {"sites": hashlib.sha256(json.dumps(data.site_names).encode() + data.sites.tobytes()).hexdigest()}
@@ -313,6 +314,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         twin.to(memory_format=torch.channels_last)
     alpha_vals = class_alpha(cfg.loss.alpha, data.class_counts)
     alpha = None if alpha_vals is None else torch.as_tensor(alpha_vals, dtype=torch.float32, device=ds.device)
+    shift_vals = logit_shift(cfg.loss.logit_adjust, data.class_counts)
+    shift = None if shift_vals is None else shift_vals.to(ds.device)
     site_head = _site_head(cfg, data)
     trained = list(twin.parameters())
     if site_head is not None:
@@ -401,6 +404,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             model, iter_batches(batch_set, tc.num_workers, ds.device.type == "cuda"),
             opt=opt, sched=sched, scaler=scaler, gen=gen, tc=tc, loss_cfg=cfg.loss, alpha=alpha, ds=ds,
             epoch=epoch, on_step=on_step, averaged=swa if swa_per_step(epoch + 1, tc) else ema, adversary=adversary,
+            shift=shift,
         )  # fmt: skip
         if bar is not None:
             bar.close()
@@ -417,7 +421,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             dist.broadcast_buffers(judged)
         val = validate(
             judged, data, cfg.loss, val_batch, ds, alpha, dist.rank, dist.world,
-            lambda v: dist.all_reduce_sum(v, ds.device),
+            lambda v: dist.all_reduce_sum(v, ds.device), shift,
         )  # fmt: skip
         row = {"epoch": epoch + 1, **train_means, **val, "lr": lr_epoch, "seconds": time.perf_counter() - t0}
         history.append(row)
