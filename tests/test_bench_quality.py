@@ -441,3 +441,31 @@ def test_baselines_are_scored_with_the_twins_test_time_views():
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(quality._probs(model, x, ds), plain, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, plain, atol=1e-4)  # the model is not flip-invariant: the views matter
+
+
+def test_baseline_trains_and_validates_with_the_twins_logit_adjustment():
+    """``loss.logit_adjust``: the baselines' cross-entropy sees the same shift of their logits as the
+    twin's branches (from their own train labels), in training and in the validation loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.config import load_config
+    from pipeline.core.losses import logit_shift
+    from pipeline.core.model import build_inference
+    from pipeline.io.compute import resolve_device
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(24, 3, 32, 32), dtype=np.uint8)
+    y = np.array([5] * 12 + list(np.arange(12) % len(CLASSES)))  # nv-heavy, as HAM10000
+    states, shift = {}, logit_shift(1.0, np.bincount(y, minlength=len(CLASSES)))
+    for tau in (0.0, 1.0):
+        cfg = load_config(ROOT / "params.yaml", {"train.epochs": 2, "train.batch_size": 8, "train.cpu_threads": 1,
+                                                 "loss.logit_adjust": tau})
+        ds = resolve_device(cfg.train)
+        torch.manual_seed(0)
+        model, history = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0, ds)
+        logits = quality._logits(model, x[:14], ds)
+        expect = F.cross_entropy(logits + (shift if tau else 0.0), torch.from_numpy(y[:14])).item()
+        assert min(h["val_loss"] for h in history) == pytest.approx(expect, rel=1e-5)
+        states[tau] = model.state_dict()
+    assert any(not torch.equal(states[0.0][k], states[1.0][k]) for k in states[0.0])
