@@ -30,6 +30,10 @@ pieces of :mod:`pipeline.core.training` (design choices there).
   weights (:func:`pipeline.core.training.build_ema`, updated every optimizer step, kept in
   ``last.pt``) is what is validated: the lowest-loss state, and therefore the branch choice and
   the export, are the EMA weights. Both are left out of the resume digest while off.
+* **Logit adjustment.** ``loss.logit_adjust`` > 0: one shift ``tau * log pi`` from the train
+  images' class counts (:func:`pipeline.core.losses.logit_shift`), computed once per run and
+  passed to every epoch and to validation alike; left out of the resume digest while off (while
+  on, the digest's data part already fixes the class counts).
 * **Style mixing.** ``train.mixstyle_p`` > 0 turns on MixStyle in the twin's shared extractor
   (:func:`pipeline.core.model.mix_styles`; training mode only, so validation and the export never
   mix). Left out of the resume digest while off.
