@@ -935,9 +935,9 @@ def test_training_mixes_both_images_of_every_pair_with_one_draw(
         applied.append((id(self), tuple(x.shape)))
         return real_apply(self, x)
 
-    def loss(out, y1, y2, cfg, lam, perm, alpha=None):
+    def loss(out, y1, y2, cfg, lam, perm, alpha=None, shift=None):
         losses.append((lam, perm))
-        return real_loss(out, y1, y2, cfg, lam, perm, alpha)
+        return real_loss(out, y1, y2, cfg, lam, perm, alpha, shift)
 
     monkeypatch.setattr(training.MixDraw, "apply", apply)
     monkeypatch.setattr(training, "mixed_joint_loss", loss)
