@@ -85,7 +85,6 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     import torch.nn.functional as F
 
     from pipeline.core.losses import logit_shift
-    from pipeline.labels import NUM_CLASSES
     from pipeline.core.training import (
         BatchMix,
         OnlineAugment,
@@ -96,6 +95,7 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
         swa_epoch_end,
         swa_per_step,
     )
+    from pipeline.labels import NUM_CLASSES
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
