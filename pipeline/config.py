@@ -371,6 +371,18 @@ class TrainConfig(_Section):
     cutmix_alpha: float = Field(0.0, ge=0, le=100)
     # Probability that a batch is mixed when mixup_alpha or cutmix_alpha is on.
     mix_prob: float = Field(1.0, gt=0, le=1)
+    # Contrastive pretraining of the twin before the patent's training (pipeline.core.pretrain;
+    # SimCLR's NT-Xent on the two branches' GAP vectors of two random views of each train image).
+    # Epochs over the train images; 0 = off. Its own batch size, learning rate (AdamW, cosine),
+    # temperature, projection size and view strengths (zoom 1 +- scale, shift, colour 1 +- color).
+    pretrain_epochs: int = Field(0, ge=0, le=10_000)
+    pretrain_batch_size: int = Field(256, ge=2, le=1_000_000)
+    pretrain_lr: float = Field(2e-3, gt=0, le=10)
+    pretrain_temperature: float = Field(0.2, gt=0, le=100)
+    pretrain_projection: int = Field(128, ge=1, le=65_536)
+    pretrain_scale: float = Field(0.3, ge=0, lt=1)
+    pretrain_translate: float = Field(0.1, ge=0, le=0.5)
+    pretrain_color: float = Field(0.4, ge=0, lt=1)
     # Threads for CPU training; 0 lets torch decide.
     cpu_threads: int = Field(0, ge=0, le=1024)
     # Threads decoding images into the image cache.

@@ -670,7 +670,9 @@ def test_knobs_added_later_leave_the_resume_digest_of_older_checkpoints_alone(
     later = {
         TrainConfig: ("ema_decay", "swa_start", "swa_every", "swa_bn", "mixstyle_p", "mixstyle_alpha",
                       "mixup_alpha", "cutmix_alpha", "mix_prob", "online_randconv", "online_randconv_kernels",
-                      "site_adversarial", "site_adversarial_mode", "site_adversarial_hidden"),
+                      "site_adversarial", "site_adversarial_mode", "site_adversarial_hidden", "pretrain_epochs",
+                      "pretrain_batch_size", "pretrain_lr", "pretrain_temperature", "pretrain_projection",
+                      "pretrain_scale", "pretrain_translate", "pretrain_color"),
         LossConfig: ("label_smoothing", "logit_adjust"),
     }
     for cls, keys in later.items():

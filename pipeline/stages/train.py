@@ -50,6 +50,13 @@ pieces of :mod:`pipeline.core.training` (design choices there).
 * **Mixup / CutMix.** ``train.mixup_alpha`` / ``cutmix_alpha`` > 0 blend training batches with a
   shuffled copy of themselves (:class:`pipeline.core.training.BatchMix`), pairs and joint loss
   alike; validation and the export never mix. Left out of the resume digest while off.
+* **Contrastive pretraining.** ``train.pretrain_epochs`` > 0: before the first epoch of a fresh
+  run, the twin's extractor and both branches are pretrained on the train images with SimCLR's
+  loss (:mod:`pipeline.core.pretrain`; a training-only projection head, its own optimizer), then
+  the patent's training starts from those weights with a fresh optimizer and the same dropout
+  seed as without pretraining. A resumed run skips it (the checkpoint holds the weights since);
+  its per-epoch losses are kept in ``last.pt``, ``best.json`` (logged to MLflow) and the summary
+  (``pretrain_losses``). Left out of the resume digest while off.
 * **Site-adversarial training.** ``train.site_adversarial`` > 0 trains a site classifier
   (:class:`pipeline.core.adversarial.SiteHead`, same optimizer) on the twin's GAP vectors behind a
   gradient reversal; each image's site is the augmented manifest's ``source_site``. Only the
@@ -78,12 +85,14 @@ from pipeline.config import Config
 from pipeline.core.adversarial import SiteHead
 from pipeline.core.imaging import color_constancy
 from pipeline.core.losses import class_alpha, logit_shift
-from pipeline.core.model import build_twin, count_parameters, inference_model
+from pipeline.core.model import TwinNet, build_twin, count_parameters, inference_model
+from pipeline.core.pretrain import ProjectionHead, contrastive_views, pretrain_epoch, pretrain_optimizer, pretrain_order
 from pipeline.core.schema import AUGMENTED_SITE, PAIR_COLUMNS
 from pipeline.core.training import (
     HISTORY_COLUMNS,
     BatchSet,
     CorrectedRows,
+    DeviceSetup,
     PairEpoch,
     SiteAdversary,
     TrainData,
@@ -263,6 +272,9 @@ def train_digest(cfg: Config, data: TrainData, world: int) -> str:
     if tc.get("mixup_alpha") == 0.0 and tc.get("cutmix_alpha") == 0.0:
         for key in ("mixup_alpha", "cutmix_alpha", "mix_prob"):
             tc.pop(key, None)
+    if tc.get("pretrain_epochs") == 0:
+        for key in [k for k in tc if k.startswith("pretrain_")]:
+            tc.pop(key, None)
     for key in ("label_smoothing", "logit_adjust"):
         if loss.get(key) == 0.0:
             loss.pop(key, None)
@@ -341,6 +353,10 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     ema = build_ema(twin, tc.ema_decay) if tc.ema_decay is not None else None
     swa = build_swa(twin) if tc.swa_start is not None else None
     history: list[dict[str, float]] = []
+    pretrain_losses: list[float] = []
+    # the train images (train.pretrain_epochs, train.swa_bn: recompute): every image row that is not a
+    # val row; every rank passes over all of them, so the results are the same on every rank
+    train_rows = np.setdiff1d(np.arange(len(data.labels)), data.val_rows)
     best: dict[str, Any] | None = None
     start_epoch = 0
     last_path = layout.train_dir / "last.pt"
@@ -365,13 +381,18 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         if len(rng) == dist.world:
             set_rng_state(rng[dist.rank], gen)
         history = list(ckpt["history"])
+        pretrain_losses = list(ckpt.get("pretrain", []))
         best = ckpt["best"]
         start_epoch = int(ckpt["epoch"])
         if dist.is_main:
             log.info("resuming from %s after epoch %d of %d", last_path, start_epoch, tc.epochs)
-    elif dist.is_main:
-        layout.train_dir.mkdir(parents=True, exist_ok=True)
-        log.info("training from scratch: %d epochs, %s, world size %d", tc.epochs, ds.describe(), dist.world)
+    else:
+        if dist.is_main:
+            layout.train_dir.mkdir(parents=True, exist_ok=True)
+            log.info("training from scratch: %d epochs, %s, world size %d", tc.epochs, ds.describe(), dist.world)
+        if tc.pretrain_epochs > 0:
+            pretrain_losses = _pretrain(cfg, twin, data, train_rows, ds, dist.is_main)
+            torch.manual_seed(cfg.seed + dist.rank)  # training's dropout draws as without pretraining
     dist.barrier()
 
     def wrapped(module: torch.nn.Module) -> torch.nn.Module:  # the trained modules, DDP under torchrun
@@ -386,9 +407,6 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
 
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     val_batch = max(cfg.evaluate.batch_size, tc.batch_size)
-    # the train images (train.swa_bn: recompute): every image row that is not a val row; every rank
-    # passes over all of them, so the recomputed statistics are the same on every rank
-    train_rows = np.setdiff1d(np.arange(len(data.labels)), data.val_rows)
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.perf_counter()
         pe, batches = epoch_batches(data, epoch, tc.batch_size, cfg.seed, dist.rank, dist.world)
@@ -457,6 +475,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                     "rng": [checkpoints.encode_rng(r) for r in rng_states],
                     "history": history,
                     "best": best,
+                    **({"pretrain": pretrain_losses} if pretrain_losses else {}),
                     **({"ema": cpu_state(ema)} if ema is not None else {}),
                     **({"swa": cpu_state(swa)} if swa is not None else {}),
                     **({"site_head": cpu_state(site_head)} if site_head is not None else {}),
@@ -484,6 +503,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
         "train_images": int(len(data.labels) - len(data.val_rows)),
         "val_images": int(len(data.val_rows)),
         "seconds": round(time.perf_counter() - t_start, 3),
+        **({"pretrain_losses": pretrain_losses} if pretrain_losses else {}),
     }
     if dist.is_main:
         if not best_path.is_file():  # resumed a finished run whose best.pt went missing
@@ -493,7 +513,8 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             layout.train_dir / "best.json",
             {k: best[k] for k in ("epoch", "val_loss_branch1", "val_loss_branch2", "val_loss_discriminator", "val_loss_total")}
             | {"params_train": params_train, "params_inference": params_inference, "host": socket.gethostname(),
-               "device": ds.describe(), "world_size": dist.world},
+               "device": ds.describe(), "world_size": dist.world}
+            | ({"pretrain_losses": pretrain_losses} if pretrain_losses else {}),
         )
     return summary
 
@@ -520,6 +541,47 @@ def _best_payload(
         "config_digest": cfg.digest(),
         **({"preprocess": dict(data.preprocess)} if data.preprocess.get("color_constancy", "none") != "none" else {}),
     }
+
+
+def _pretrain(
+    cfg: Config, twin: TwinNet, data: TrainData, rows: np.ndarray, ds: DeviceSetup, is_main: bool
+) -> list[float]:
+    """Contrastive pretraining of ``twin`` in place (``train.pretrain_epochs``,
+    :mod:`pipeline.core.pretrain`) on the train ``rows``; the mean loss of each epoch. The same on
+    every rank (same seed, all rows); under DDP the wrapper then starts every rank from rank 0's
+    weights anyway. Run again from the start when a run is interrupted before its first
+    checkpoint (it is a pure function of the seed and the data)."""
+    tc = cfg.train
+    head = ProjectionHead(cfg.model.head_channels, tc.pretrain_projection).to(ds.device)
+    steps = [pretrain_order(rows, cfg.seed, e, tc.pretrain_batch_size) for e in range(tc.pretrain_epochs)]
+    opt, sched = pretrain_optimizer(twin, head, tc.pretrain_lr, tc.weight_decay, sum(len(b) for b in steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
+    views = contrastive_views(tc.pretrain_scale, tc.pretrain_translate, tc.pretrain_color)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 0x55C1)
+    if is_main:
+        log.info("contrastive pretraining: %d epochs over %d train images", tc.pretrain_epochs, len(rows))
+    losses: list[float] = []
+    for epoch, batches in enumerate(steps):
+        t0 = time.perf_counter()
+        bar = _progress(len(batches), f"pretrain {epoch + 1}/{tc.pretrain_epochs}", tc.progress and is_main)
+
+        def on_step(mean: float) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"loss": f"{mean:.4f}"})
+
+        losses.append(
+            pretrain_epoch(
+                twin, head, data.images, batches, opt=opt, sched=sched, scaler=scaler, views=views, gen=gen, ds=ds,
+                temperature=tc.pretrain_temperature, epoch=epoch, on_step=on_step,
+            )  # fmt: skip
+        )
+        if bar is not None:
+            bar.close()
+        if is_main:
+            log.info("pretraining epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, tc.pretrain_epochs, losses[-1],
+                     time.perf_counter() - t0)  # fmt: skip
+    return losses
 
 
 def _site_head(cfg: Config, data: TrainData) -> SiteHead | None:
