@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.core.model import TwinNet
-from pipeline.core.training import DeviceSetup, Images, OnlineAugment, lr_factor, make_batches
-from pipeline.errors import PipelineError
+from pipeline.core.training import DeviceSetup, Images, OnlineAugment, lr_factor, make_batches, optimizer_step
 
 ROTATION = 180.0  # degrees: a lesion has no canonical orientation
 
@@ -72,7 +71,8 @@ def nt_xent(za: Tensor, zb: Tensor, temperature: float) -> Tensor:
     two views of image ``i``; each of the ``2N`` vectors must pick its partner among the other
     ``2N - 1`` by cosine similarity over ``temperature``. Mean over the ``2N`` vectors."""
     if za.shape != zb.shape or za.dim() != 2 or za.shape[0] < 2:
-        raise ValueError(f"nt_xent needs two (N >= 2, D) batches of one shape, got {tuple(za.shape)} and {tuple(zb.shape)}")
+        shapes = f"{tuple(za.shape)} and {tuple(zb.shape)}"
+        raise ValueError(f"nt_xent needs two (N >= 2, D) batches of one shape, got {shapes}")
     n = za.shape[0]
     z = F.normalize(torch.cat([za, zb]).float(), dim=1)
     sim = z @ z.t() / temperature
@@ -89,8 +89,8 @@ def contrastive_views(scale: float, translate: float, color: float) -> OnlineAug
 def pretrain_order(rows: np.ndarray, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
     """Pretraining epoch ``epoch``'s batches of ``rows`` (image rows): a permutation that is a pure
     function of ``(seed, epoch)``, cut into batches (a trailing batch of one row dropped)."""
-    order = np.asarray(rows, dtype=np.int64)[np.random.default_rng([int(seed), 0x55C1, int(epoch)]).permutation(len(rows))]
-    return make_batches(order, batch_size)
+    perm = np.random.default_rng([int(seed), 0x55C1, int(epoch)]).permutation(len(rows))
+    return make_batches(np.asarray(rows, dtype=np.int64)[perm], batch_size)
 
 
 def pretrain_epoch(
@@ -111,7 +111,7 @@ def pretrain_epoch(
 ) -> float:
     """One pass of contrastive pretraining over ``batches`` (rows of ``images``); the mean loss.
 
-    Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause)."""
+    Raises :class:`pipeline.errors.PipelineError` on a non-finite loss (the learning rate is the usual cause)."""
     twin.train()
     head.train()
     total, seen = 0.0, 0
@@ -123,13 +123,8 @@ def pretrain_epoch(
             out = twin(xa, xb)
             za, zb = head(out.pooled1), head(out.pooled2)
         loss = nt_xent(za.float(), zb.float(), temperature)
-        if not torch.isfinite(loss):
-            raise PipelineError(f"non-finite pretraining loss at pretraining epoch {epoch + 1}; lower train.pretrain_lr")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        non_finite = f"non-finite pretraining loss at pretraining epoch {epoch + 1}; lower train.pretrain_lr"
+        optimizer_step(loss, opt, sched, scaler, non_finite)
         total += float(loss.detach()) * len(rows)
         seen += len(rows)
         if on_step is not None:

@@ -535,6 +535,20 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup_steps, tc.schedule))
 
 
+def optimizer_step(
+    objective: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, scaler: Any, non_finite: str
+) -> None:
+    """One optimizer step on ``objective`` (through the grad scaler, then the scheduler); raises
+    :class:`PipelineError` with the message ``non_finite`` when the objective is not finite."""
+    if not torch.isfinite(objective):
+        raise PipelineError(non_finite)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(objective).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def float_output(out: Any) -> Any:
     """The model output with every float tensor in float32 (losses run in float32 under AMP).
 
@@ -772,13 +786,7 @@ def train_epoch(
                 1.0 if mix is None else mix.lam, None if perm is None else torch.cat([perm, perm + yl.shape[0]]),
             )  # fmt: skip
             objective = objective + site
-        if not torch.isfinite(objective):
-            raise PipelineError(f"non-finite training loss at epoch {epoch + 1}; lower train.lr")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(objective).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(objective, opt, sched, scaler, f"non-finite training loss at epoch {epoch + 1}; lower train.lr")
         if averaged is not None:
             averaged.update_parameters(getattr(model, "module", model))
         n = float(yl.shape[0])
