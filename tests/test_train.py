@@ -455,3 +455,18 @@ def test_channels_last_on_cpu_trains_the_same_model(tmp_path: Path) -> None:
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
     assert worst < 0.02, worst
     assert sa["val_loss_total"] == pytest.approx(sb["val_loss_total"], rel=1e-4)
+
+
+def test_optimizer_step_steps_on_a_finite_objective_and_refuses_a_non_finite_one() -> None:
+    from pipeline.core.training import optimizer_step
+    from pipeline.errors import PipelineError
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    optimizer_step((w * w).sum(), opt, sched, scaler, "unused")
+    assert torch.equal(w.detach(), torch.zeros(3)) and opt.param_groups[0]["lr"] == 0.25  # 1 - 0.5 * 2; scheduled
+    with pytest.raises(PipelineError, match="lower train.lr"):
+        optimizer_step(w.sum() * float("nan"), opt, sched, scaler, "non-finite training loss; lower train.lr")
+    assert torch.equal(w.detach(), torch.zeros(3)) and opt.param_groups[0]["lr"] == 0.25  # nothing stepped
