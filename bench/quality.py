@@ -77,10 +77,11 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     recompute``) and, for the twin's backbone, style mixing (``train.mixstyle_*``) as the twin, on
     the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`). Not the
     twin's site-adversarial term (``train.site_adversarial``): the baselines stay plain classifiers,
-    so with it on, the twin's lead over them includes what the adversary adds. The twin's logit
-    adjustment (``loss.logit_adjust``) is theirs too, on the same class counts' shift
-    (:func:`pipeline.core.losses.logit_shift`), in training and the validation loss alike: it is a
-    way of balancing the classes, as ``augment.balance`` is for all three models."""
+    so with it on, the twin's lead over them includes what the adversary adds; nor the twin's
+    contrastive pretraining (``train.pretrain_epochs``), which runs the twin's own forward (two
+    branches). The twin's logit adjustment (``loss.logit_adjust``) is theirs too, on the same class
+    counts' shift (:func:`pipeline.core.losses.logit_shift`), in training and the validation loss
+    alike: it is a way of balancing the classes, as ``augment.balance`` is for all three models."""
     import torch
     import torch.nn.functional as F
 
