@@ -347,13 +347,16 @@ def test_changed_params_start_fresh(tmp_path: Path, caplog) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("site_adversarial", [0.0, 1.0])
-def test_ddp_gloo_two_processes(tmp_path: Path, site_adversarial: float) -> None:
-    """Two processes; with train.site_adversarial the site head is trained under DDP as well."""
+@pytest.mark.parametrize(
+    "extra", [{}, {"train.site_adversarial": 1.0}, {"train.pretrain_epochs": 2, "train.pretrain_batch_size": 8}]
+)
+def test_ddp_gloo_two_processes(tmp_path: Path, extra: dict[str, Any]) -> None:
+    """Two processes; with train.site_adversarial the site head is trained under DDP as well; with
+    train.pretrain_epochs every rank pretrains alike before DDP takes over."""
     layout = make_work(tmp_path / "w", sites=2)
     args = [f"paths.work_dir={tmp_path / 'w'}", "augment.image_size=32", "train.epochs=2", "train.batch_size=8",
-            "train.progress=false", "train.cpu_threads=1", f"train.site_adversarial={site_adversarial}"]
-    args += [f"{k}={v}" for k, v in TINY_MODEL.items()]
+            "train.progress=false", "train.cpu_threads=1"]
+    args += [f"{k}={v}" for k, v in {**TINY_MODEL, **extra}.items()]
     cmd = [
         str(Path(sys.executable).parent / "torchrun"),
         "--standalone",
@@ -377,7 +380,12 @@ def test_ddp_gloo_two_processes(tmp_path: Path, site_adversarial: float) -> None
     best = torch.load(layout.train_dir / "best.pt", weights_only=True)
     assert best["epoch"] in (1, 2)
     last = torch.load(layout.train_dir / "last.pt", weights_only=True)
-    assert ("train_site" in hist.columns) == ("site_head" in last) == (site_adversarial > 0)
+    assert ("train_site" in hist.columns) == ("site_head" in last) == ("train.site_adversarial" in extra)
+    pretrained = [json.loads(s).get("pretrain_losses") for s in summaries]
+    assert len(pretrained) == 2 and pretrained[0] == pretrained[1]  # the same pretraining on both ranks
+    assert (pretrained[0] is not None) == ("pretrain" in last) == ("train.pretrain_epochs" in extra)
+    if "pretrain" in last:
+        assert last["pretrain"] == pretrained[0] and len(last["pretrain"]) == 2
 
 
 def test_dataloader_workers_do_not_change_the_result(tmp_path: Path) -> None:

@@ -552,6 +552,7 @@ def _pretrain(
     weights anyway. Run again from the start when a run is interrupted before its first
     checkpoint (it is a pure function of the seed and the data)."""
     tc = cfg.train
+    torch.manual_seed(cfg.seed)  # the head's initial weights (and any dropout draw) alike on every rank
     head = ProjectionHead(cfg.model.head_channels, tc.pretrain_projection).to(ds.device)
     steps = [pretrain_order(rows, cfg.seed, e, tc.pretrain_batch_size) for e in range(tc.pretrain_epochs)]
     opt, sched = pretrain_optimizer(twin, head, tc.pretrain_lr, tc.weight_decay, sum(len(b) for b in steps))
