@@ -119,6 +119,7 @@ def pretrain_epoch(
     twin.train()
     head.train()
     total, seen = 0.0, 0
+    non_finite = f"non-finite pretraining loss at pretraining epoch {epoch + 1}; lower train.pretrain_lr"
     for rows in batches:
         x = torch.from_numpy(images.take(rows))
         xa = views(x.clone(), gen, ds)  # the flips work in place: each view gets its own copy
@@ -127,7 +128,6 @@ def pretrain_epoch(
             out = twin(xa, xb)
             za, zb = head(out.pooled1), head(out.pooled2)
         loss = nt_xent(za.float(), zb.float(), temperature)
-        non_finite = f"non-finite pretraining loss at pretraining epoch {epoch + 1}; lower train.pretrain_lr"
         optimizer_step(loss, opt, sched, scaler, non_finite)
         total += float(loss.detach()) * len(rows)
         seen += len(rows)

@@ -764,6 +764,7 @@ def train_epoch(
     n_seen = 0.0
     views = OnlineAugment.from_config(tc)
     mixing = BatchMix.from_config(tc)
+    non_finite = f"non-finite training loss at epoch {epoch + 1}; lower train.lr"
     for step, (xl_u8, xr_u8, yl, yr, *sites) in enumerate(batches):
         xl, xr = views(xl_u8, gen, ds), views(xr_u8, gen, ds)
         yl, yr = yl.to(ds.device, non_blocking=True), yr.to(ds.device, non_blocking=True)
@@ -786,7 +787,7 @@ def train_epoch(
                 1.0 if mix is None else mix.lam, None if perm is None else torch.cat([perm, perm + yl.shape[0]]),
             )  # fmt: skip
             objective = objective + site
-        optimizer_step(objective, opt, sched, scaler, f"non-finite training loss at epoch {epoch + 1}; lower train.lr")
+        optimizer_step(objective, opt, sched, scaler, non_finite)
         if averaged is not None:
             averaged.update_parameters(getattr(model, "module", model))
         n = float(yl.shape[0])
