@@ -46,7 +46,6 @@ BA ≥ 0.72 on the random split; report the source-held-out and external figures
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -69,91 +68,55 @@ BENCH_RUN_OVERRIDES: dict[str, object] = {
 
 
 def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -> tuple[object, list[dict]]:
-    """Plain cross-entropy training, lowest validation loss kept; same optimizer, schedule, online
-    views (flips, ``train.online_*``), mixup / CutMix (``train.mixup_alpha`` / ``cutmix_alpha``: the
-    loss is the same blend of the two images' losses), weight averaging (``train.swa_start``: from
-    then on the average is validated and kept, as for the twin; every step with ``train.swa_every:
-    step``; batch-norm statistics recomputed over the train images with ``train.swa_bn:
-    recompute``) and, for the twin's backbone, style mixing (``train.mixstyle_*``) as the twin, on
-    the twin's device and precision ``ds`` (:func:`pipeline.io.compute.resolve_device`). Not the
-    twin's site-adversarial term (``train.site_adversarial``): the baselines stay plain classifiers,
-    so with it on, the twin's lead over them includes what the adversary adds; nor the twin's
-    contrastive pretraining (``train.pretrain_epochs``), which runs the twin's own forward (two
-    branches). The twin's logit adjustment (``loss.logit_adjust``) is theirs too, on the same class
-    counts' shift (:func:`pipeline.core.losses.logit_shift`), in training and the validation loss
-    alike: it is a way of balancing the classes, as ``augment.balance`` is for all three models."""
+    """Plain cross-entropy training through the twin's :class:`pipeline.core.training.Trainer`: the
+    same optimizer, schedule (warm-up included), online flips, weight averaging (``train.swa_start``)
+    and lowest-validation-loss state as the twin, on the twin's device and precision ``ds``
+    (:func:`pipeline.io.compute.resolve_device`). Each epoch is a seeded shuffle of the training
+    images cut into full batches."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.core.losses import logit_shift
-    from pipeline.core.training import (
-        BatchMix,
-        OnlineAugment,
-        build_optimizer,
-        build_swa,
-        lr_factor,
-        swa_active,
-        swa_epoch_end,
-        swa_per_step,
-    )
-    from pipeline.labels import NUM_CLASSES
+    from pipeline.core.training import Trainer, WeightAverage, build_optimizer, build_scheduler, flip_transform
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
-    views = OnlineAugment.from_config(tc)  # the twin's online views (flips per sample, train.online_*)
-    mixing = BatchMix.from_config(tc)  # the twin's mixup / CutMix (train.mixup_alpha, cutmix_alpha, mix_prob)
-    if hasattr(model, "extractor"):  # the twin's backbone: the twin's style mixing too (train.mixstyle_*)
-        model.extractor.set_style_mixing(tc.mixstyle_p, tc.mixstyle_alpha)
     model.to(ds.device)
     if ds.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model.parameters(), tc)
-    swa = build_swa(model) if tc.swa_start is not None else None
-    scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
     bs = tc.batch_size
-    steps_per_epoch = max(1, len(x_train) // bs)
-    total = steps_per_epoch * tc.epochs
-    best_loss, best_state, history, step = float("inf"), None, [], 0
+    steps = max(1, len(x_train) // bs)
+    sched = build_scheduler(opt, tc, steps * tc.epochs, steps * tc.warmup_epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
+    average = WeightAverage(model, tc.swa_start) if tc.swa_start is not None else None
     xt, yt = torch.from_numpy(np.asarray(x_train)), torch.from_numpy(y_train).long()
     xv, yv = np.asarray(x_val), torch.from_numpy(y_val).long().to(ds.device)
-    shift = logit_shift(cfg.loss.logit_adjust, np.bincount(np.asarray(y_train), minlength=NUM_CLASSES))
-    shift = (torch.zeros(NUM_CLASSES) if shift is None else shift).to(ds.device)  # + 0.0 changes no logit
-    for epoch in range(tc.epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * bs : (b + 1) * bs]
-            x, y = views(xt[idx], gen, ds), yt[idx].to(ds.device)
-            mix = mixing.draw(x.shape[0], (x.shape[-2], x.shape[-1]), gen)
-            if mix is not None:
-                x = mix.apply(x)
-            for g in opt.param_groups:
-                g["lr"] = tc.lr * lr_factor(step, total, 0, tc.schedule)
-            with ds.autocast():
-                logits = model(x).float() + shift
-                loss = F.cross_entropy(logits, y)
-                if mix is not None and mix.lam < 1.0:
-                    loss = mix.lam * loss + (1.0 - mix.lam) * F.cross_entropy(logits, y[mix.perm.to(y.device)])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            if swa is not None and swa_per_step(epoch + 1, tc):
-                swa.update_parameters(model)
-        judged = model
-        if swa is not None and swa_active(epoch + 1, tc.swa_start):
-            judged = swa_epoch_end(swa, model, epoch + 1, tc, np.asarray(x_train), np.arange(len(x_train)),
-                                   max(bs, 64), ds)
+
+    def loss(logits, targets):
+        return {"train_loss": F.cross_entropy(logits, targets[0])}
+
+    def batches(epoch: int):
+        def shuffled():
+            order = torch.randperm(len(xt), generator=gen)
+            for b in range(steps):
+                idx = order[b * bs : (b + 1) * bs]
+                yield xt[idx], yt[idx]
+
+        return shuffled(), steps
+
+    def score(judged):
         judged.eval()
-        val_loss = F.cross_entropy(_logits(judged, xv, ds) + shift, yv).item()
-        history.append({"epoch": epoch + 1, "val_loss": val_loss})
-        print(f"    epoch {epoch + 1}: val_loss {val_loss:.4f}", flush=True)
-        if val_loss < best_loss:
-            best_loss, best_state = val_loss, copy.deepcopy(judged.state_dict())
-    model.load_state_dict(best_state)
-    return model.eval(), history
+        return {"val_loss": F.cross_entropy(_logits(judged, xv, ds), yv).item()}
+
+    def report(history, best, improved) -> None:
+        print(f"    epoch {history[-1]['epoch']}: val_loss {history[-1]['val_loss']:.4f}", flush=True)
+
+    trainer = Trainer(model, model, loss, opt, sched, scaler, ds, gen, inputs=1, transform=flip_transform(tc),
+                      average=average)  # fmt: skip
+    history, best = trainer.fit(range(tc.epochs), batches, score, key="val_loss", on_epoch=report)
+    model.load_state_dict(best["state"])
+    return model.eval(), [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in history]
 
 
 def _logits(model, x, ds):

@@ -2,8 +2,8 @@
 batch 1 through the whole predict path (colour constancy, TTA, decision rule: ``predict path``).
 
 Uses the model config of ``params.yaml`` at ``augment.image_size`` on random inputs (the data
-pipeline is not measured: training reads a decoded uint8 cache; the training row does include the
-online views of those uint8 batches, ``train.online_flip`` and ``train.online_*``, host to device).
+pipeline is not measured: training reads a decoded uint8 cache; the training row runs the train
+stage's :class:`pipeline.core.training.Trainer` on such uint8 batches, its online flips included).
 Runs on CPU and, when present, on CUDA. The training and plain inference rows use training's AMP /
 channels_last choices (:mod:`pipeline.io.compute`); the inference rows run the network with its
 batch norm folded into the convs, as every inference path does
@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.core.losses import joint_loss  # noqa: E402
 from pipeline.core.model import build_twin, count_parameters, fold_batch_norm, inference_model  # noqa: E402
-from pipeline.core.training import OnlineAugment, build_optimizer, float_output  # noqa: E402
+from pipeline.core.training import Trainer, build_optimizer, flip_transform, twin_loss  # noqa: E402
 from pipeline.io.compute import resolve_device  # noqa: E402
 from pipeline.io.files import write_json  # noqa: E402
 from pipeline.labels import NUM_CLASSES  # noqa: E402
@@ -69,18 +68,12 @@ def bench_train(cfg, device_name: str, steps: int, warmup: int) -> dict:
     u2 = torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8)
     y1 = torch.randint(0, NUM_CLASSES, (bs,), device=ds.device)
     y2 = torch.randint(0, NUM_CLASSES, (bs,), device=ds.device)
-    views, gen = OnlineAugment.from_config(cfg.train), torch.Generator().manual_seed(0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    trainer = Trainer(twin, twin, twin_loss(cfg.loss, None), opt, sched, scaler, ds, torch.Generator().manual_seed(0),
+                      transform=flip_transform(cfg.train))  # fmt: skip
 
-    def step() -> None:
-        x1, x2 = views(u1.clone(), gen, ds), views(u2.clone(), gen, ds)  # flips + train.online_*, as training
-        with ds.autocast():
-            out = twin(x1, x2)
-        out = float_output(out)
-        loss = joint_loss(out, y1, y2, cfg.loss)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss.total).backward()
-        scaler.step(opt)
-        scaler.update()
+    def step() -> None:  # one optimizer step of the train stage's loop on one pair batch
+        trainer.train_epoch(iter([(u1.clone(), u2.clone(), y1, y2)]), 0)
 
     dt = _timed(step, ds.device, warmup, steps)
     return {"device": ds.describe(), "batch_pairs": bs, "steps": steps, "pairs_per_s": bs * steps / dt}

@@ -215,18 +215,6 @@ class AugmentConfig(_Section):
     color_constancy: Literal["none", "shades_of_gray"] = "none"
     # Minkowski norm p of Shades of Gray (6 = the ISIC-challenge standard; 1 = grey world).
     sog_power: float = Field(6.0, ge=1, le=32)
-    # Random resized crop of train copies: area fraction drawn from [crop_scale_min, 1], aspect
-    # ratio from [3/4, 4/3], resized back to image_size. 1.0 = off.
-    crop_scale_min: float = Field(1.0, gt=0, le=1)
-    # Random gamma of train copies: gamma drawn uniformly from [1 - gamma, 1 + gamma]. 0 = off.
-    gamma: float = Field(0.0, ge=0, lt=1)
-    # Probability of a Gaussian blur (5x5 kernel, sigma uniform in [0.1, blur_sigma]). 0 = off.
-    blur: float = Field(0.0, ge=0, le=1)
-    blur_sigma: float = Field(1.0, ge=0.1, le=10)
-    # Probability that a train copy gets 1..hair_max dark hair-like curves drawn over it
-    # (artifact augmentation, pipeline.core.augment.RandomHairs). 0 = off.
-    hair: float = Field(0.0, ge=0, le=1)
-    hair_max: int = Field(8, ge=1, le=100)
 
     @model_validator(mode="after")
     def _ranges(self) -> "AugmentConfig":
@@ -274,20 +262,10 @@ class ModelConfig(_Section):
     head_channels: int = Field(256, ge=8, le=16384)
     discriminator_hidden: int = Field(128, ge=4, le=16384)
     dropout: float = Field(0.1, ge=0, lt=1)
-    # Instance-batch normalisation (IBN-a) in the shallow layers: none | stem | extractor
-    # (stem + every extractor row but the last); see pipeline.core.model.
-    ibn: Literal["none", "stem", "extractor"] = "none"
 
     def recorded(self) -> dict[str, Any]:
-        """The section as checkpoints, training digests and export ``config.json`` record it. Knobs
-        added after the first release are left out while off, so a default model's records equal
-        those written before the knob: old checkpoints stay resumable, and an export stays
-        readable by an earlier release of the project (a rolled-back deployment, an older
-        serving image) unless it uses the knob."""
-        out = self.model_dump(mode="json")
-        if out.get("ibn") == "none":
-            del out["ibn"]
-        return out
+        """The section as checkpoints, training digests and export ``config.json`` record it."""
+        return self.model_dump(mode="json")
 
 
 class LossConfig(_Section):
@@ -297,12 +275,6 @@ class LossConfig(_Section):
     gamma: float = Field(2.0, ge=0, le=100)
     # Per-class focal alpha: null, "balanced" (inverse frequency, mean 1) or a list of 7 floats.
     alpha: None | Literal["balanced"] | list[float] = None
-    # Label smoothing of the focal / cross-entropy targets of both branches: the one-hot target
-    # becomes (1 - eps) * one_hot + eps / C. 0 = off (the patent's plain focal loss).
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # Logit adjustment tau (Menon et al. 2021): both branches' focal terms see logits + tau * log(train
-    # class frequencies), in training and validation. 0 = off (the patent's plain focal loss).
-    logit_adjust: float = Field(0.0, ge=0, le=10)
 
     @field_validator("alpha")
     @classmethod
@@ -336,80 +308,15 @@ class TrainConfig(_Section):
     online_flip: bool = True
     # Probability of each flip (horizontal, vertical) when online_flip.
     flip_prob: float = Field(0.5, ge=0, le=1)
-    # Online per-sample views on the training device (pipeline.core.training.OnlineAugment), new
-    # every epoch, 0 = off: rotation in [-online_rotation, online_rotation] degrees, scale in
-    # [1 - online_scale, 1 + online_scale], translation up to online_translate of the side, and
-    # brightness / contrast / saturation factors in [1 - online_color, 1 + online_color].
-    online_rotation: float = Field(0.0, ge=0, le=180)
-    online_scale: float = Field(0.0, ge=0, lt=1)
-    online_translate: float = Field(0.0, ge=0, le=0.5)
-    online_color: float = Field(0.0, ge=0, lt=1)
-    # Random convolution (RandConv, pipeline.core.training.random_conv): with this probability per
-    # batch of each side of the pairs, the float images are blended with a random 3 -> 3 convolution
-    # of themselves (kernel side drawn from online_randconv_kernels). 0 = off.
-    online_randconv: float = Field(0.0, ge=0, le=1)
-    online_randconv_kernels: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1, max_length=8)
-    # MixStyle (pipeline.core.model.mix_styles): in training, with this probability per insertion
-    # point and batch, the early extractor features of each image take a Beta(mixstyle_alpha,
-    # mixstyle_alpha) mix of its own and another image's per-channel mean / std. 0 = off.
-    mixstyle_p: float = Field(0.0, ge=0, le=1)
-    mixstyle_alpha: float = Field(0.1, gt=0, le=100)
-    # Site-adversarial training (pipeline.core.adversarial; DANN, Ganin et al. JMLR 2016): a
-    # training-only classifier guesses each image's acquisition site (augmented manifest
-    # source_site) from the twin's GAP vectors behind a gradient-reversal layer, so the shared
-    # features are pushed to carry no site. This is the reversed gradient's largest coefficient
-    # (ramped up from 0 over training); 0 = off. "conditional": one site classifier per class (the
-    # label given), so a site's class mix is not what is removed; "marginal": one for all images.
-    site_adversarial: float = Field(0.0, ge=0, le=100)
-    site_adversarial_mode: Literal["conditional", "marginal"] = "conditional"
-    site_adversarial_hidden: int = Field(128, ge=1, le=65_536)
-    # Mixup / CutMix of pair batches (pipeline.core.training.BatchMix): a batch is blended with a
-    # shuffled copy of itself, both images of each pair with the same weight lam ~ Beta(alpha, alpha)
-    # (mixup: whole images; CutMix: one box, lam = the area kept), and every loss term is the same
-    # blend of the two pairs' losses. 0 = off; both > 0: each mixed batch picks one at random.
-    mixup_alpha: float = Field(0.0, ge=0, le=100)
-    cutmix_alpha: float = Field(0.0, ge=0, le=100)
-    # Probability that a batch is mixed when mixup_alpha or cutmix_alpha is on.
-    mix_prob: float = Field(1.0, gt=0, le=1)
-    # Contrastive pretraining of the twin before the patent's training (pipeline.core.pretrain;
-    # SimCLR's NT-Xent on the two branches' GAP vectors of two random views of each train image).
-    # Epochs over the train images; 0 = off. Its own batch size, learning rate (AdamW, cosine),
-    # temperature, projection size and view strengths (zoom 1 +- scale, shift, colour 1 +- color).
-    pretrain_epochs: int = Field(0, ge=0, le=10_000)
-    pretrain_batch_size: int = Field(256, ge=2, le=1_000_000)
-    pretrain_lr: float = Field(2e-3, gt=0, le=10)
-    pretrain_temperature: float = Field(0.2, gt=0, le=100)
-    pretrain_projection: int = Field(128, ge=1, le=65_536)
-    pretrain_scale: float = Field(0.3, ge=0, lt=1)
-    pretrain_translate: float = Field(0.1, ge=0, le=0.5)
-    pretrain_color: float = Field(0.4, ge=0, lt=1)
     # Threads for CPU training; 0 lets torch decide.
     cpu_threads: int = Field(0, ge=0, le=1024)
     # Threads decoding images into the image cache.
     cache_workers: int = Field(4, ge=1, le=256)
     progress: bool = True
-    # Exponential moving average of the weights (e.g. 0.999 per optimizer step); null = off. When
-    # on, validation (and so the lowest-loss state and the exported branch) uses the EMA weights.
-    ema_decay: float | None = Field(None, gt=0, lt=1)
     # Stochastic weight averaging (SWA): from the end of this epoch (1-based) on, the uniform mean of
     # the weights and batch-norm buffers at the end of each epoch; from then on that mean is what is
-    # validated (and so the lowest-loss state and the exported branch). null = off; not with ema_decay.
+    # validated (and so the lowest-loss state and the exported branch). null = off.
     swa_start: int | None = Field(None, ge=1)
-    # When the weights join that mean: "epoch" = once at the end of each epoch from swa_start on;
-    # "step" = after every optimizer step from the first step of epoch swa_start on (dense averaging,
-    # as SWAD). Either way the mean is validated at the end of each epoch from swa_start on.
-    swa_every: Literal["epoch", "step"] = "epoch"
-    # Batch-norm statistics of that mean: "mean" = the mean of the averaged states' running
-    # statistics; "recompute" = recomputed by one forward pass over the training images before each
-    # validation of the mean (torch.optim.swa_utils.update_bn, as SWA and SWAD prescribe).
-    swa_bn: Literal["mean", "recompute"] = "mean"
-
-    @field_validator("online_randconv_kernels")
-    @classmethod
-    def _odd_kernels(cls, v: list[int]) -> list[int]:
-        if any(k < 1 or k > 9 or k % 2 == 0 for k in v):
-            raise ValueError(f"online_randconv_kernels must be odd sides 1..9, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _optimizer_knobs(self) -> "TrainConfig":
@@ -423,12 +330,6 @@ class TrainConfig(_Section):
             raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
         if self.swa_start is not None and self.swa_start > self.epochs:
             raise ValueError(f"swa_start: must be <= epochs ({self.epochs}), got {self.swa_start}")
-        if self.swa_start is not None and self.ema_decay is not None:
-            raise ValueError("swa_start: weight averaging and ema_decay are exclusive; set one of them to null")
-        if self.swa_every != "epoch" and self.swa_start is None:
-            raise ValueError(f"swa_every: {self.swa_every!r} needs swa_start (weight averaging is off)")
-        if self.swa_bn != "mean" and self.swa_start is None:
-            raise ValueError(f"swa_bn: {self.swa_bn!r} needs swa_start (weight averaging is off)")
         return self
 
 
@@ -458,10 +359,9 @@ class SelectConfig(_Section):
     prior_power_max: float = Field(2.0, ge=0, le=10)
     prior_power_step: float = Field(0.25, gt=0, le=10)
     # Test-time augmentation recorded in the export (config.json "tta") and applied by predict,
-    # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views) |
-    # flips4 (mean of 4: identity, horizontal, vertical and both flips; half the cost of flips).
+    # the pyfunc, evaluate and the gate alike: none | flips (mean of the 8 flip/transpose views).
     # The decision rule is fitted on the probabilities this produces.
-    tta: Literal["none", "flips", "flips4"] = "none"
+    tta: Literal["none", "flips"] = "none"
     # Calibration of the reported probabilities, fitted on val by maximum likelihood and stored in
     # the export (config.json "calibration"; pipeline.core.calibration): none | temperature
     # (softmax(log p / T)) | temperature_bias (softmax(log p / T + b), one bias per class). The
@@ -481,7 +381,7 @@ class PredictConfig(_Section):
     # Torch threads of the process that predicts: the predict stage, and the MLflow pyfunc model
     # (recorded in its data/export/serving.json, set when a server loads it). 0 = torch's default
     # (every core). Several serving workers on one machine want cores / workers each, so they do
-    # not oversubscribe the cores; a batch-1 server often answers faster with 1 (bench/README.md).
+    # not oversubscribe the cores; a batch-1 server often answers faster with 1.
     cpu_threads: int = Field(0, ge=0, le=1024)
 
 

@@ -157,8 +157,7 @@ def test_augment_counts_sizes_and_manifest(tmp_path):
     summary = run_augment(cfg)
     layout = Layout.from_config(cfg)
     m = pd.read_parquet(layout.augmented_manifest)
-    assert list(m.columns) == [*AUGMENTED_COLUMNS, "source_site"]
-    assert (m["source_site"] == "unknown").all()  # a manifest without sites: one, "unknown"
+    assert list(m.columns) == list(AUGMENTED_COLUMNS)
     assert m["image_id"].is_unique
     # copies: nv 2, mel 2*4/2 = 4, df 2*4/1 = 8 capped at 5; plus copy 0 for each train image
     assert summary["copies_per_class"] == {"nv": 2, "mel": 4, "df": 5}
@@ -207,8 +206,6 @@ def test_augment_stage_balances_sites(tmp_path):
     m = pd.read_parquet(Layout.from_config(cfg).augmented_manifest)
     nv = m[(m["split"] == "train") & (m["label"] == "nv")]
     assert nv.groupby("source_id").size().to_dict() == {"ISIC_000": 2, "ISIC_001": 2, "ISIC_002": 2, "ISIC_003": 6}
-    # every written image carries its original's site (train, val and test), for train.site_adversarial
-    assert dict(zip(m["source_id"], m["source_site"], strict=True)) == {f"ISIC_{i:03d}": s for i, s in enumerate(sites)}
     assert summary["copies_per_site"] == {"x": {"df": 6, "mel": 4, "nv": 1}, "y": {"nv": 5}}
     assert summary["train_per_site"] == {"x": {"df": 7, "mel": 10, "nv": 6}, "y": {"nv": 6}}
     assert "copies_per_class" not in summary  # not what was applied

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
-from test_train import record_swa_updates
 
 from pipeline.config import SyntheticConfig
 from pipeline.labels import CLASSES
@@ -313,7 +312,15 @@ def test_baseline_with_weight_averaging_keeps_the_lowest_loss_average(monkeypatc
     from pipeline.core.model import build_inference
     from pipeline.io.compute import resolve_device
 
-    snapshots = record_swa_updates(monkeypatch, training)
+    snapshots: list[dict] = []
+    real = training.WeightAverage.judged
+
+    def recording(self, model, epoch):  # the raw state each epoch adds to the mean
+        if self.active(epoch):
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(self, model, epoch)
+
+    monkeypatch.setattr(training.WeightAverage, "judged", recording)
     cfg = load_config(ROOT / "params.yaml", {"train.epochs": 3, "train.swa_start": 1, "train.batch_size": 8,
                                              "train.cpu_threads": 1, "train.channels_last": False})
     rng = np.random.default_rng(0)
@@ -330,9 +337,9 @@ def test_baseline_with_weight_averaging_keeps_the_lowest_loss_average(monkeypatc
             torch.testing.assert_close(v, sum(s[k] for s in used) / len(used))
 
 
-def test_baseline_dense_averaging_with_recomputed_batch_norm_as_the_twin(monkeypatch):
-    """``train.swa_every: step`` + ``swa_bn: recompute``: the baselines average every step from
-    ``swa_start`` on and keep the average's batch-norm statistics recomputed over the train images."""
+def test_baseline_trains_through_the_twins_trainer_with_its_flips_and_schedule(monkeypatch):
+    """The baselines run :class:`pipeline.core.training.Trainer`: one optimizer step per batch, the
+    twin's online flips (drawn from the trainer's generator) and the twin's learning-rate schedule."""
     import torch
 
     import pipeline.core.training as training
@@ -340,82 +347,33 @@ def test_baseline_dense_averaging_with_recomputed_batch_norm_as_the_twin(monkeyp
     from pipeline.core.model import build_inference
     from pipeline.io.compute import resolve_device
 
-    snapshots = record_swa_updates(monkeypatch, training)
-    cfg = load_config(ROOT / "params.yaml", {"train.epochs": 3, "train.swa_start": 2, "train.swa_every": "step",
-                                             "train.swa_bn": "recompute", "train.batch_size": 8,
-                                             "train.cpu_threads": 1, "train.channels_last": False})
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(24, 3, 32, 32), dtype=np.uint8)
-    y = np.arange(24) % len(CLASSES)
-    ds = resolve_device(cfg.train)
-    model, history = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0, ds)
-    assert len(snapshots) == 2 * 3  # every step (24 images / batch 8) of epochs 2 and 3
-    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
-    assert best_epoch > 1  # seeded: an average is kept, so the checks below bite
-    used = snapshots[: 3 * (best_epoch - 1)]
-    state = model.state_dict()
-    for k, v in state.items():  # the kept state is the dense average up to the lowest-loss epoch
-        if v.is_floating_point() and "running" not in k:
-            torch.testing.assert_close(v, sum(s[k] for s in used) / len(used))
-    expected = build_inference(cfg.model)
-    expected.load_state_dict(state)
-    for k, v in expected.state_dict().items():
-        if "running_mean" in k:
-            v.add_(5.0)  # spoiled: the recompute must not depend on them
-    training.recompute_batch_norm(expected, x, np.arange(len(x)), 64, ds)
-    for k, v in expected.state_dict().items():
-        torch.testing.assert_close(state[k], v)
+    steps: list[float] = []
+    real = training.optimizer_step
 
+    def recording(objective, opt, sched, scaler, non_finite):
+        steps.append(float(opt.param_groups[0]["lr"]))
+        return real(objective, opt, sched, scaler, non_finite)
 
-def test_baseline_mixes_its_batches_like_the_twin(monkeypatch):
-    """``train.mixup_alpha`` / ``cutmix_alpha``: the baselines see the same kind of mixed batches,
-    with the loss the same blend of the two images' cross-entropies."""
-    import torch
-    import torch.nn.functional as F
-
-    import pipeline.core.training as training
-    from pipeline.config import load_config
-    from pipeline.core.model import build_inference
-    from pipeline.io.compute import resolve_device
-
-    draws: list = []
-    real_draw = training.BatchMix.draw
-
-    def recording(self, n, size, gen):
-        d = real_draw(self, n, size, gen)
-        draws.append(d)
-        return d
-
-    losses: list[float] = []
-    real_ce = F.cross_entropy
-    monkeypatch.setattr(training.BatchMix, "draw", recording)
-
-    def counting_ce(*a, **k):
-        losses.append(1.0)
-        return real_ce(*a, **k)
-
-    monkeypatch.setattr(F, "cross_entropy", counting_ce)
+    monkeypatch.setattr(training, "optimizer_step", recording)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(24, 3, 32, 32), dtype=np.uint8)
     y = np.arange(24) % len(CLASSES)
 
     def train(**extra):
-        draws.clear()
-        losses.clear()
-        cfg = load_config(ROOT / "params.yaml", {"train.epochs": 1, "train.batch_size": 8, "train.cpu_threads": 1,
-                                                 "train.online_flip": False, **extra})  # fmt: skip
-        model, _ = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0,
-                                           resolve_device(cfg.train))  # fmt: skip
-        return model
+        steps.clear()
+        cfg = load_config(ROOT / "params.yaml", {"train.epochs": 2, "train.batch_size": 8, "train.cpu_threads": 1,
+                                                 **extra})  # fmt: skip
+        model, history = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0,
+                                                  resolve_device(cfg.train))  # fmt: skip
+        return model, history, cfg
 
-    plain = train()
-    assert draws == [None, None, None] and len(losses) == 3 + 1  # off: one cross-entropy per step
-    mixed = train(**{"train.mixup_alpha": 0.4})
-    assert len(draws) == 3 and all(d is not None and d.box is None for d in draws)
-    assert len(losses) == 3 * 2 + 1  # each step: both targets' cross-entropies; then validation
-    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), mixed.state_dict().values()))
-    train(**{"train.cutmix_alpha": 1.0})
-    assert all(d is not None and d.box is not None for d in draws)
+    flipped, history, cfg = train()
+    assert [h["epoch"] for h in history] == [1, 2] and len(steps) == 2 * 3  # 24 images / batch 8, two epochs
+    assert steps == pytest.approx([cfg.train.lr * training.lr_factor(i, 6, 0, "cosine") for i in range(6)])
+    plain, _, _ = train(**{"train.online_flip": False})
+    assert any(not torch.equal(a, b) for a, b in zip(flipped.state_dict().values(), plain.state_dict().values()))
+    train(**{"train.warmup_epochs": 1})
+    assert steps[:3] == pytest.approx([cfg.train.lr * (i + 1) / 3 for i in range(3)])  # the twin's warm-up
 
 
 def test_baselines_are_scored_with_the_twins_test_time_views():
@@ -441,31 +399,3 @@ def test_baselines_are_scored_with_the_twins_test_time_views():
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(quality._probs(model, x, ds), plain, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, plain, atol=1e-4)  # the model is not flip-invariant: the views matter
-
-
-def test_baseline_trains_and_validates_with_the_twins_logit_adjustment():
-    """``loss.logit_adjust``: the baselines' cross-entropy sees the same shift of their logits as the
-    twin's branches (from their own train labels), in training and in the validation loss."""
-    import torch
-    import torch.nn.functional as F
-
-    from pipeline.config import load_config
-    from pipeline.core.losses import logit_shift
-    from pipeline.core.model import build_inference
-    from pipeline.io.compute import resolve_device
-
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(24, 3, 32, 32), dtype=np.uint8)
-    y = np.array([5] * 12 + list(np.arange(12) % len(CLASSES)))  # nv-heavy, as HAM10000
-    states, shift = {}, logit_shift(1.0, np.bincount(y, minlength=len(CLASSES)))
-    for tau in (0.0, 1.0):
-        cfg = load_config(ROOT / "params.yaml", {"train.epochs": 2, "train.batch_size": 8, "train.cpu_threads": 1,
-                                                 "loss.logit_adjust": tau})
-        ds = resolve_device(cfg.train)
-        torch.manual_seed(0)
-        model, history = quality._train_baseline(build_inference(cfg.model), x, y, x[:14], y[:14], cfg, 0, ds)
-        logits = quality._logits(model, x[:14], ds)
-        expect = F.cross_entropy(logits + (shift if tau else 0.0), torch.from_numpy(y[:14])).item()
-        assert min(h["val_loss"] for h in history) == pytest.approx(expect, rel=1e-5)
-        states[tau] = model.state_dict()
-    assert any(not torch.equal(states[0.0][k], states[1.0][k]) for k in states[0.0])

@@ -57,11 +57,8 @@ def make_work(
     per_class: tuple[int, int, int] = (4, 2, 2),
     pair_epochs: int = 2,
     seed: int = 0,
-    sites: int = 0,
 ) -> Layout:
-    """Write ``augmented/manifest.parquet`` + PNGs and ``pairs.parquet`` below ``work``; with
-    ``sites`` > 0 the manifest has a ``source_site`` column (``site0``, ``site1``, ... in turn
-    within each class and split), else none (a manifest written before the column existed)."""
+    """Write ``augmented/manifest.parquet`` + PNGs and ``pairs.parquet`` below ``work``."""
     layout = Layout(work)
     rng = np.random.default_rng(seed)
     rows = []
@@ -78,8 +75,6 @@ def make_work(
                      "group_id": image_id, "split": split, "copy": 0}
                 )
     aug = pd.DataFrame(rows, columns=list(AUGMENTED_COLUMNS))
-    if sites:
-        aug["source_site"] = [f"site{int(i.rsplit('_', 1)[1]) % sites}" for i in aug["image_id"]]
     aug.to_parquet(layout.augmented_manifest, index=False)
     (layout.augmented_dir / "meta.json").write_text(json.dumps({"format": 1, "image_size": size}))
 
@@ -118,27 +113,6 @@ def tiny_cfg(work: Path, **extra: Any) -> Config:
         **extra,
     }
     return load_config(ROOT / "params.yaml", overrides)
-
-
-def record_swa_updates(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[dict[str, torch.Tensor]]:
-    """Patch ``module.build_swa`` so that every ``update_parameters`` call first records the state
-    it averages in; returns the (growing) list of recorded states."""
-    snapshots: list[dict[str, torch.Tensor]] = []
-    real = module.build_swa
-
-    def recording(model: torch.nn.Module) -> Any:
-        swa = real(model)
-        update = swa.update_parameters
-
-        def update_and_record(m: torch.nn.Module) -> None:
-            snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-            update(m)
-
-        swa.update_parameters = update_and_record
-        return swa
-
-    monkeypatch.setattr(module, "build_swa", recording)
-    return snapshots
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -347,13 +321,10 @@ def test_changed_params_start_fresh(tmp_path: Path, caplog) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "extra", [{}, {"train.site_adversarial": 1.0}, {"train.pretrain_epochs": 2, "train.pretrain_batch_size": 8}]
-)
+@pytest.mark.parametrize("extra", [{}, {"train.swa_start": 1}])
 def test_ddp_gloo_two_processes(tmp_path: Path, extra: dict[str, Any]) -> None:
-    """Two processes; with train.site_adversarial the site head is trained under DDP as well; with
-    train.pretrain_epochs every rank pretrains alike before DDP takes over."""
-    layout = make_work(tmp_path / "w", sites=2)
+    """Two processes train one model (the same summary on both ranks), with and without weight averaging."""
+    layout = make_work(tmp_path / "w")
     args = [f"paths.work_dir={tmp_path / 'w'}", "augment.image_size=32", "train.epochs=2", "train.batch_size=8",
             "train.progress=false", "train.cpu_threads=1"]
     args += [f"{k}={v}" for k, v in {**TINY_MODEL, **extra}.items()]
@@ -380,12 +351,9 @@ def test_ddp_gloo_two_processes(tmp_path: Path, extra: dict[str, Any]) -> None:
     best = torch.load(layout.train_dir / "best.pt", weights_only=True)
     assert best["epoch"] in (1, 2)
     last = torch.load(layout.train_dir / "last.pt", weights_only=True)
-    assert ("train_site" in hist.columns) == ("site_head" in last) == ("train.site_adversarial" in extra)
-    pretrained = [json.loads(s).get("pretrain_losses") for s in summaries]
-    assert len(pretrained) == 2 and pretrained[0] == pretrained[1]  # the same pretraining on both ranks
-    assert (pretrained[0] is not None) == ("pretrain" in last) == ("train.pretrain_epochs" in extra)
-    if "pretrain" in last:
-        assert last["pretrain"] == pretrained[0] and len(last["pretrain"]) == 2
+    assert ("swa" in last) == ("train.swa_start" in extra)
+    ranks = [json.loads(s) for s in summaries]
+    assert len(ranks) == 2 and ranks[0]["val_loss_total"] == ranks[1]["val_loss_total"]  # one model, both ranks
 
 
 def test_dataloader_workers_do_not_change_the_result(tmp_path: Path) -> None:

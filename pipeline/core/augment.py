@@ -7,8 +7,7 @@ The ``augment`` stage (:mod:`pipeline.stages.augment`) reads the validated manif
   ``augment.keep_original``) and augmented copies ``1..K``;
 * ``val/<id>__a0.png``, ``test/<id>__a0.png`` -- only resized (evaluation sees unaltered images;
   colour constancy is applied at scoring time, see below);
-* ``manifest.parquet`` with :data:`pipeline.core.schema.AUGMENTED_COLUMNS` (and ``source_site``,
-  the original's acquisition site, for site-adversarial training) and ``meta.json``
+* ``manifest.parquet`` with :data:`pipeline.core.schema.AUGMENTED_COLUMNS` and ``meta.json``
   (``image_size`` of the written images: the train stage reads its resolution from there).
 
 Design choices:
@@ -22,12 +21,6 @@ Design choices:
   (rotation up to ``rotation`` degrees, translation up to ``translate`` of the side, scale in
   ``[scale_min, scale_max]``, bilinear, black fill -- dermoscopy images already have dark
   vignetted corners; jitter comes first so the fill stays black).
-* **Optional robustness transforms** (all off by default): random gamma (``gamma``) after the
-  jitter, a random resized crop (``crop_scale_min``) before the flips, a Gaussian blur
-  (``blur``, ``blur_sigma``) last, and hair-like dark curves (``hair``, ``hair_max``;
-  :class:`RandomHairs`) first, before the colour jitter, since hairs are part of the scene the
-  camera sees. Off, they draw no random numbers: the copies stay bit-identical to a config
-  without them.
 * **Colour constancy** (``color_constancy: shades_of_gray``, :func:`pipeline.core.imaging.shades_of_gray`):
   each train image is corrected after resizing and *before* its random transforms (copy 0 is
   the corrected original). Val and test images are stored **uncorrected** (only resized): the
@@ -199,8 +192,6 @@ def build_transform(cfg: AugmentConfig) -> Any:
     from torchvision.transforms import InterpolationMode, v2
 
     ops: list[Any] = []
-    if cfg.hair > 0:
-        ops.append(RandomHairs(cfg.hair, cfg.hair_max))
     # Colour first, geometry second: the affine's black fill stays black (jitter after it would
     # turn the corners grey through contrast / brightness).
     if any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
@@ -210,15 +201,6 @@ def build_transform(cfg: AugmentConfig) -> Any:
                 contrast=cfg.contrast or None,
                 saturation=cfg.saturation or None,
                 hue=cfg.hue or None,
-            )
-        )
-    if cfg.gamma > 0:
-        ops.append(RandomGamma(cfg.gamma))
-    if cfg.crop_scale_min < 1:
-        ops.append(
-            v2.RandomResizedCrop(
-                cfg.image_size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3),
-                interpolation=InterpolationMode.BILINEAR, antialias=True,
             )
         )
     if cfg.hflip > 0:
@@ -234,89 +216,7 @@ def build_transform(cfg: AugmentConfig) -> Any:
             fill=0,
         )
     )
-    if cfg.blur > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, max(0.1, cfg.blur_sigma)))], p=cfg.blur))
     return v2.Compose(ops)
-
-
-class RandomGamma:
-    """Gamma correction with gamma uniform in ``[1 - strength, 1 + strength]`` (torch's global RNG,
-    so it is seeded per copy like the other transforms); uint8 in, uint8 out."""
-
-    def __init__(self, strength: float) -> None:
-        if not 0 <= strength < 1:
-            raise ValueError(f"gamma strength must be in [0, 1), got {strength}")
-        self.strength = float(strength)
-
-    def __call__(self, img: Any) -> Any:
-        import torch
-        from torchvision.transforms.v2 import functional as F
-
-        g = 1.0 + (float(torch.rand(())) * 2.0 - 1.0) * self.strength
-        return F.adjust_gamma(img, g)
-
-
-class RandomHairs:
-    """Artifact augmentation: with probability ``p``, 1 to ``max_count`` dark hair-like curves
-    drawn over the image (uint8 ``(3, H, W)`` tensor in, the same out).
-
-    Hair is the commonest dermoscopy artifact, and how much of it a clinic's images carry depends
-    on its shaving and immersion habits and its devices, so a class must not be told by its
-    hairs (on HAM10000 with the external Derm7pt test it did not help: bench/README.md, trials 80-81). Drawing
-    them over training copies is one of the artifact augmentations of Bissoto et al., "Artifact-
-    based domain generalization of skin lesion models" (ECCV Workshops 2022). Choices where that
-    is vague: each hair is a quadratic Bezier curve from a uniform start point in a uniform
-    direction, 0.3-1.0 of the side long, bent sideways by up to 0.3 of its length, 0.4-1.2 % of
-    the side wide (about 1-2.5 px at 224 px, a faint sub-pixel line at 48 px), drawn 4x
-    supersampled and averaged down (:func:`hair_mask`); the hairs of one image share one
-    brownish-black colour (brightness 10-70 of 255) and one opacity (0.5-0.9). Every number
-    comes from torch's global RNG, so the copy is seeded like the other transforms.
-    """
-
-    def __init__(self, p: float, max_count: int) -> None:
-        if not 0 <= p <= 1 or max_count < 1:
-            raise ValueError(f"hair needs a probability in [0, 1] and max_count >= 1, got {p}, {max_count}")
-        self.p, self.max_count = float(p), int(max_count)
-
-    def __call__(self, img: Any) -> Any:
-        import torch
-
-        if float(torch.rand(())) >= self.p:
-            return img
-        n = int(torch.randint(1, self.max_count + 1, ()))
-        curves = torch.rand(n, 6, dtype=torch.float64).numpy()
-        look = torch.rand(2, dtype=torch.float64).numpy()
-        _, h, w = img.shape
-        mask = torch.from_numpy(hair_mask(h, w, curves)) * (0.5 + 0.4 * float(look[1]))
-        base = 10.0 + 60.0 * float(look[0])
-        colour = torch.tensor([base, 0.8 * base, 0.65 * base], dtype=torch.float32).view(3, 1, 1)
-        out = img.float() * (1 - mask) + colour * mask
-        return out.round().clamp(0, 255).to(torch.uint8)
-
-
-def hair_mask(height: int, width: int, curves: np.ndarray, supersample: int = 4) -> np.ndarray:
-    """Coverage in ``[0, 1]`` (float32 ``(height, width)``) of hair-like curves, one per row of
-    ``curves``: six numbers in ``[0, 1]`` -- start x, start y, direction (a full turn), length
-    (0.3-1.0 of the side), bend (-0.3..0.3 of the length, sideways at the middle) and width
-    (0.4-1.2 % of the side). Drawn ``supersample`` times larger and averaged down, so a hair
-    thinner than a pixel leaves a faint line, as a resized photo of one does."""
-    from PIL import ImageDraw
-
-    side = float(min(height, width))
-    big = Image.new("L", (width * supersample, height * supersample), 0)
-    draw = ImageDraw.Draw(big)
-    t = np.linspace(0.0, 1.0, 33)[:, None]
-    for x0, y0, turn, length, bend, thick in np.asarray(curves, dtype=np.float64).reshape(-1, 6):
-        p0 = np.array([x0 * width, y0 * height])
-        direction = np.array([math.cos(2 * math.pi * turn), math.sin(2 * math.pi * turn)])
-        span = (0.3 + 0.7 * length) * side
-        p2 = p0 + span * direction
-        p1 = (p0 + p2) / 2 + (bend - 0.5) * 0.6 * span * np.array([-direction[1], direction[0]])
-        points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-        line_width = max(1, round((0.004 + 0.008 * thick) * side * supersample))
-        draw.line([tuple(q) for q in points * supersample], fill=255, width=line_width, joint="curve")
-    arr = np.asarray(big, dtype=np.float32).reshape(height, supersample, width, supersample)
-    return arr.mean(axis=(1, 3)) / 255.0
 
 
 def color_corrected(img: Image.Image, cfg: AugmentConfig) -> Image.Image:

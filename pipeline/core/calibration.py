@@ -2,8 +2,7 @@
 
 The twin is trained on class-balanced copies (a `df` image up to 20 times) with a focal loss, and
 its export averages the softmax of 8 views (``select.tta: flips``): its probabilities are neither
-the test set's class mix nor sharp enough (bench/README.md, trial 70: top-label expected
-calibration error 0.14 on the lesion-grouped test split). A clinician reads those numbers, and the
+the test set's class mix nor sharp enough. A clinician reads those numbers, and the
 model card quotes them, so the export can carry a calibration map fitted on the **validation**
 split and applied to every probability it reports (``predict``, the MLflow pyfunc, ``evaluate``,
 the registry gate), recorded in ``config.json`` under ``calibration``:
@@ -37,8 +36,7 @@ Choices where the method is silent, written down here:
   only the biases are fitted.
 
 It calibrates to the class mix of the val split: on a source whose mix differs, the calibrated
-numbers can be further off than the raw ones (trial 71: held-out ``vidir_modern`` ECE 0.035 -> 0.108,
-while the lesion-grouped test split went 0.142 -> 0.042 and Derm7pt 0.107 -> 0.067).
+numbers can be further off than the raw ones.
 
 The decision rule (:mod:`pipeline.core.decision`) is fitted after, on the calibrated val
 probabilities, so the labels the export decides are the ones its reported probabilities support.

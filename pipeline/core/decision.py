@@ -19,8 +19,7 @@ the registry gate all go through it):
       balanced accuracy. Balanced accuracy is accuracy under a uniform class prior, so dividing out
       the prior the network learned (from the balanced copies *and* the class mix) is the Bayes
       decision for it; ``tau`` tempers it. One parameter instead of seven: with 9 ``df`` and 12
-      ``vasc`` validation images in HAM10000, seven free offsets over-fit the validation split
-      (bench/README.md, issue 12 trials).
+      ``vasc`` validation images in HAM10000, seven free offsets over-fit the validation split.
     Both correct the class prior the network learned from the balanced copies without dividing by
     the training-set prior (which over-shoots). The probabilities themselves are **not** changed: the
     reported probabilities stay the export's (the softmax, calibrated when the export carries a

@@ -8,9 +8,7 @@ like training (files are decoded by :func:`pipeline.io.images.load_rgb`, which c
    black), CMYK and 16-bit images included).
 2. :func:`resize_square` resizes to ``size x size`` with bilinear antialiasing. Aspect ratio
    is **not** kept: dermoscopy images are centred on the lesion and HAM10000 ships 600x450;
-   squashing keeps the whole field of view (the same choice as the 224x224 HAM10000 copy). The
-   whole frame, not a crop to the lesion: cropping to an Otsu-segmented lesion before resizing was
-   measured (bench/README.md, trials 113-121) and lost Derm7pt balanced accuracy and accuracy.
+   squashing keeps the whole field of view (the same choice as the 224x224 HAM10000 copy).
 3. optionally :func:`color_constancy` (Shades of Gray, ``augment.color_constancy``) on the resized
    uint8 image; the export records it, so inference applies what training saw.
 4. :func:`to_model_input` scales uint8 NCHW to float and normalises with :data:`MEAN`/:data:`STD`.

@@ -9,8 +9,7 @@ them predict the same numbers and labels for the same pixels:
 
 * :func:`predict_batch_uint8` -- probabilities: the softmax of the network, or with the export's
   ``tta: flips`` the mean of the softmax over the 8 flip/transpose views of each image (the
-  dihedral group of the square: lesions have no orientation; ``flips4``: its 4 flips, identity,
-  horizontal, vertical and both, at half the cost; :func:`tta_views`), then the
+  dihedral group of the square: lesions have no orientation; :func:`tta_views`), then the
   export's ``calibration`` (:mod:`pipeline.core.calibration`; identity for exports without one).
 * :func:`predicted_labels` -- labels from probabilities under the export's decision rule
   (:mod:`pipeline.core.decision`: ``argmax`` or fitted log-probability ``offsets``), or plain
@@ -56,9 +55,8 @@ class Model(Protocol):
 
 
 # tta (the views: tta_views): flips -- identity, 3 rotations by 90 degrees, and the transposes of all
-# four (the dihedral group); flips4 -- identity, horizontal flip, vertical flip and both (= rotation by
-# 180 degrees), half the cost
-TTA_MODES = ("none", "flips", "flips4")
+# four (the dihedral group)
+TTA_MODES = ("none", "flips")
 DECISIONS = ("rule", "argmax")  # predict.decision: the export's rule, or plain arg-max
 
 
@@ -77,7 +75,7 @@ def preprocess_of(meta: dict[str, Any]) -> tuple[str, float]:
 
 
 def tta_of(meta: dict[str, Any]) -> str:
-    """The export's test-time augmentation: ``none`` (also for older exports), ``flips`` or ``flips4``."""
+    """The export's test-time augmentation: ``none`` (also for older exports) or ``flips``."""
     return str(meta.get("tta", "none"))
 
 
@@ -91,8 +89,6 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The views of a (N, C, H, W) batch that ``mode`` averages over (``none``: just ``x``)."""
     if mode == "none":
         return [x]
-    if mode == "flips4":
-        return [x, x.flip(3), x.flip(2), x.flip((2, 3))]
     if mode != "flips":
         raise PipelineError(f"unknown test-time augmentation {mode!r}; known: {list(TTA_MODES)}")
     views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]

@@ -35,37 +35,11 @@ Design choices, and how they relate to the patent:
   order-dependent rule, and the pair generator's positive pairs are built by a swap, i.e. they
   appear in both orders. ``|a-b|`` measures distance, ``a*b`` agreement of active channels.
   Output: 2 logits, index 1 = "same class".
-* **Style mixing (MixStyle, Zhou et al., ICLR 2021; ``train.mixstyle_p``, off by default)**: a
-  training-time regulariser for images from new clinics and devices, not a layer of the model.
-  Early CNN feature statistics (per-image, per-channel mean and standard deviation) carry the
-  picture's "style" (illumination, colour cast, optics), the deeper ones its content. In training,
-  with probability ``p`` per insertion point and batch, each image's early features are re-styled
-  with a Beta(alpha, alpha) mix of its own statistics and those of another image of the batch
-  (random permutation over both halves of the pair batch), so the network cannot key a class to
-  one site's look. Insertion points: after each ``model.extractor`` row except the last (the
-  paper's "after the first stages, not the last"). No parameters, no buffers, identity in eval
-  mode: the exported inference model, CAM and the parameter count are unchanged, and
-  :func:`inference_model` switches it off in its copy. The draws come from the global torch RNG
-  (checkpointed with the rest), so resume stays bit-identical.
-* **Instance-batch normalisation (IBN-Net, Pan et al., ECCV 2018; ``model.ibn``, off by
-  default)**: a layer of the model for images from new devices and clinics. Instance
-  normalisation removes each image's per-channel contrast and brightness from a feature map, batch
-  normalisation keeps the discriminative part; IBN-a puts both side by side (half the channels
-  each) in the *first* normalisation of the shallow layers only, where appearance lives.
-  ``stem``: the stem's normalisation; ``extractor``: also the first normalisation of every block
-  of the ``model.extractor`` rows but the last (the rows MixStyle follows; the last extractor row
-  and the branches stay batch-normalised, so features at the CAM map stay discriminative).
-  Unlike test-time batch-norm adaptation it needs no target batch: an image's output does not
-  depend on its batch. Same parameter count (the instance half's scale and shift replace the
-  batch half's); it is part of the exported model, so every inference path applies it. Measured
-  on the held-out HAM10000 source at 64 px, both placements lost accuracy and AUC against the
-  recipe (bench/README.md, trials 55-57), so ``params-real.yaml`` keeps it off.
 * **Batch norm folded for inference** (:func:`fold_batch_norm`): in eval mode a BatchNorm2d after
   a conv is a fixed per-channel affine map, so it is merged into the conv's weight and a bias
   (and dropped from the block).
   Every inference path runs the folded copy (:func:`pipeline.core.inference.inference_ready`); the
-  export's ``weights.pt`` keeps the trained, unfolded state dict. An :class:`InstanceBatchNorm`
-  (``model.ibn``) is not folded: its instance half depends on the image.
+  export's ``weights.pt`` keeps the trained, unfolded state dict.
 * Weights: kaiming-normal for convs (fan_out; per-group fan_in for depthwise convs), BN gamma 1 /
   beta 0, except the BN after the
   projection conv of residual blocks, whose gamma starts at 0 so each residual block starts as
@@ -75,7 +49,6 @@ Design choices, and how they relate to the patent:
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,32 +61,10 @@ from pipeline.config import ModelConfig
 StageSpec = Sequence[Sequence[int]]  # rows of (expansion, out_channels, repeats, stride)
 
 
-class InstanceBatchNorm(nn.Module):
-    """IBN-a normalisation (Pan et al., ECCV 2018): the first ``channels // 2`` channels are
-    instance-normalised (per image and channel, with a learned scale and shift; no running
-    statistics), the others batch-normalised. Eval-mode outputs of one image do not depend on
-    the rest of its batch (the instance half uses the image's own statistics, the batch half the
-    running ones), so ``predict``, pyfunc and ``evaluate`` agree whatever the batch."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        if channels < 2:
-            raise ValueError(f"instance-batch normalisation needs >= 2 channels, got {channels}")
-        self.half = channels // 2
-        self.instance = nn.InstanceNorm2d(self.half, affine=True)
-        self.batch = nn.BatchNorm2d(channels - self.half)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
-        return torch.cat([self.instance(a), self.batch(b)], dim=1)
-
-
-def _conv_bn(
-    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True, ibn: bool = False
-) -> nn.Sequential:
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        InstanceBatchNorm(cout) if ibn else nn.BatchNorm2d(cout),
+        nn.BatchNorm2d(cout),
     ]
     if act:
         layers.append(nn.ReLU6(inplace=True))
@@ -123,7 +74,7 @@ def _conv_bn(
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand (skipped when expansion is 1) -> 3x3 depthwise -> 1x1 linear project."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expansion: int, ibn: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int) -> None:
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
@@ -132,9 +83,8 @@ class InvertedResidual(nn.Module):
         hidden = cin * expansion
         layers: list[nn.Module] = []
         if expansion != 1:
-            layers.append(_conv_bn(cin, hidden, 1, ibn=ibn))
-        # ibn: the block's first normalisation only (IBN-a), never the projection's
-        layers.append(_conv_bn(hidden, hidden, 3, stride=stride, groups=hidden, ibn=ibn and expansion == 1))
+            layers.append(_conv_bn(cin, hidden, 1))
+        layers.append(_conv_bn(hidden, hidden, 3, stride=stride, groups=hidden))
         layers.append(_conv_bn(hidden, cout, 1, act=False))
         self.block = nn.Sequential(*layers)
         self.use_residual = stride == 1 and cin == cout
@@ -150,18 +100,17 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-def _stages(cin: int, spec: StageSpec, ibn_rows: int = 0) -> tuple[nn.Sequential, int]:
-    """Build inverted-residual stages; the first block of a stage carries its stride; the blocks of
-    the first ``ibn_rows`` rows use :class:`InstanceBatchNorm` as their first normalisation."""
+def _stages(cin: int, spec: StageSpec) -> tuple[nn.Sequential, int]:
+    """Build inverted-residual stages; the first block of a stage carries its stride."""
     blocks: list[nn.Module] = []
-    for r, row in enumerate(spec):
+    for row in spec:
         if len(row) != 4:
             raise ValueError(f"stage rows are [expansion, out_channels, repeats, stride], got {list(row)}")
         t, c, n, s = (int(v) for v in row)
         if c < 1 or n < 1:
             raise ValueError(f"out_channels and repeats must be >= 1, got {list(row)}")
         for i in range(n):
-            blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t, ibn=r < ibn_rows))
+            blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
             cin = c
     return nn.Sequential(*blocks), cin
 
@@ -188,65 +137,17 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.project_bn.weight)
 
 
-def mix_styles(x: Tensor, lam: Tensor, perm: Tensor, eps: float = 1e-6) -> Tensor:
-    """MixStyle: ``x`` (N, C, H, W) normalised per image and channel, then re-scaled with the mixed
-    statistics ``lam * own + (1 - lam) * those of image perm[i]``; ``lam`` (N,) in [0, 1].
-
-    The statistics are detached (as in the paper): the gradient flows through the normalised content
-    only. Computed in float32 whatever the autocast dtype, returned in ``x``'s dtype.
-    """
-    if lam.shape != (x.shape[0],) or perm.shape != (x.shape[0],):
-        raise ValueError(f"lam and perm need shape ({x.shape[0]},), got {tuple(lam.shape)} and {tuple(perm.shape)}")
-    xf = x.float()
-    mu = xf.mean(dim=(2, 3), keepdim=True).detach()
-    sig = (xf.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
-    w = lam.to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
-    perm = perm.to(x.device)
-    mixed_mu = w * mu + (1 - w) * mu[perm]
-    mixed_sig = w * sig + (1 - w) * sig[perm]
-    return ((xf - mu) / sig * mixed_sig + mixed_mu).to(x.dtype)
-
-
 class FeatureExtractor(nn.Module):
-    """Stem (3x3 conv, stride 2, BN, ReLU6) + ``cfg.extractor`` inverted-residual stages.
-
-    Style mixing (see the module docstring) is off until :meth:`set_style_mixing` turns it on; it
-    acts in training mode only, after the last block of every extractor row but the last.
-    """
+    """Stem (3x3 conv, stride 2, BN, ReLU6) + ``cfg.extractor`` inverted-residual stages."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.stem = _conv_bn(3, cfg.stem_channels, 3, stride=2, ibn=cfg.ibn != "none")
-        ibn_rows = len(cfg.extractor) - 1 if cfg.ibn == "extractor" else 0
-        self.stages, self.out_channels = _stages(cfg.stem_channels, cfg.extractor, ibn_rows)
-        ends = list(itertools.accumulate(int(row[2]) for row in cfg.extractor))  # blocks up to each row's end
-        self.mix_after: frozenset[int] = frozenset(end - 1 for end in ends[:-1])
-        self.style_mix_p = 0.0
-        self.style_mix_alpha = 0.1
+        self.stem = _conv_bn(3, cfg.stem_channels, 3, stride=2)
+        self.stages, self.out_channels = _stages(cfg.stem_channels, cfg.extractor)
         _init_weights(self)
 
-    def set_style_mixing(self, p: float, alpha: float = 0.1) -> None:
-        """Mix early feature statistics with probability ``p`` per insertion point (0 = off)."""
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"style mixing probability must be in [0, 1], got {p}")
-        if alpha <= 0:
-            raise ValueError(f"style mixing alpha must be > 0, got {alpha}")
-        self.style_mix_p = float(p)
-        self.style_mix_alpha = float(alpha)
-
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        if not (self.training and self.style_mix_p > 0 and self.mix_after):
-            return self.stages(x)
-        concentration = torch.tensor(self.style_mix_alpha)
-        beta = torch.distributions.Beta(concentration, concentration)
-        for i, block in enumerate(self.stages):
-            x = block(x)
-            # draws on the CPU generator (checkpointed), one coin per insertion point and batch
-            if i in self.mix_after and float(torch.rand(())) < self.style_mix_p:
-                n = x.shape[0]
-                x = mix_styles(x, beta.sample((n,)), torch.randperm(n))
-        return x
+        return self.stages(self.stem(x))
 
 
 class Branch(nn.Module):
@@ -372,7 +273,6 @@ def inference_model(twin: TwinNet, branch_index: int) -> InferenceModel:
     if branch_index not in (0, 1):
         raise ValueError(f"branch_index must be 0 or 1, got {branch_index}")
     model = InferenceModel(copy.deepcopy(twin.extractor), copy.deepcopy(twin.branches[branch_index]))
-    model.extractor.set_style_mixing(0.0)  # a training regulariser of the twin, never of the exported model
     return model.train(twin.training)
 
 
@@ -387,9 +287,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     :func:`_conv_bn` merged into one conv with a bias (the BN dropped from its block); ``model`` is
     untouched. The copy computes the same function as ``model`` in eval mode up to float rounding
     (about 1e-7 relative), with one op and one module call fewer per conv: the batch-1 predict path
-    takes about a third less time on the CPU (bench/README.md, trials 73-79). Its state dict
-    differs (no BN entries), so exports are written from the unfolded model. A BatchNorm2d without
-    running statistics and the :class:`InstanceBatchNorm` layers stay as they are."""
+    takes about a third less time on the CPU. Its state dict differs (no BN entries), so exports
+    are written from the unfolded model. A BatchNorm2d without running statistics stays as it is."""
     folded = copy.deepcopy(model).eval()
     for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
         i = 0

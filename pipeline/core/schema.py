@@ -46,9 +46,6 @@ AUGMENTED_COLUMNS: tuple[str, ...] = (
     "split",
     "copy",  # 0 = resized original, 1.. = augmented copies
 )
-# Optional column of the augmented manifest, written by augment since site-adversarial training:
-# the original's manifest source_site (a manifest written before it reads as one "unknown" site).
-AUGMENTED_SITE = "source_site"
 
 # Columns of the pair manifest (pipeline.core.pairs).
 PAIR_COLUMNS: tuple[str, ...] = ("epoch", "batch", "left_id", "right_id", "left_label", "right_label", "same", "kind")

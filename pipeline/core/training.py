@@ -1,8 +1,10 @@
-"""The training loop's pure pieces: pair batches, online flips, schedules, one epoch, validation.
+"""The training loop of the twin (and of the benchmark's baselines): pair batches, schedules, one
+:class:`Trainer`, validation. Pure: no files and no process groups here.
 
-No files and no process groups here: the ``train`` stage (:mod:`pipeline.stages.train`) reads the
-manifests, builds the image cache, sets up devices / DDP (:mod:`pipeline.io.compute`) and
-checkpoints (:mod:`pipeline.io.checkpoints`); it calls these functions in between.
+The ``train`` stage (:mod:`pipeline.stages.train`) reads the manifests, builds the image cache,
+sets up devices / DDP (:mod:`pipeline.io.compute`) and writes checkpoints
+(:mod:`pipeline.io.checkpoints`); everything between is here. ``bench/quality.py`` trains its
+single-branch baselines through the same :class:`Trainer` with a cross-entropy loss.
 
 Design choices (the patent leaves these open; each is deliberate):
 
@@ -12,36 +14,23 @@ Design choices (the patent leaves these open; each is deliberate):
   (:func:`epoch_order`, so a resumed run sees the same order) and cut into batches of
   ``train.batch_size`` pairs; a trailing batch of fewer than 2 pairs is dropped (batch norm).
 * **Validation losses, every epoch** (:func:`validate`). ``val_loss_branch1`` / ``val_loss_branch2``
-  are the mean focal losses (same ``gamma``/``alpha``/logit adjustment as training) of each branch over **all** val
+  are the mean focal losses (same ``gamma`` / ``alpha`` as training) of each branch over **all** val
   images (each image goes through both branches). ``val_loss_discriminator`` is the mean
   cross-entropy of the discriminator on a fixed set of val pairs built once by
   :func:`validation_pairs` (one pair per val image, alternating wanted-positive / wanted-negative in
   a seeded order, label computed from the two actual labels). ``val_loss_total = A * branch1 +
   B * branch2 + C * discriminator``, i.e. the joint training loss evaluated on val; the state with
-  the lowest total (earliest epoch on ties) is the recognition model (patent S2).
-* **Online augmentation** (:class:`OnlineAugment`): per-sample random flips (:func:`random_flip`,
-  ``train.online_flip`` / ``train.flip_prob``) of the cached uint8 tensors, then, on the training
-  device, a per-sample random affine (rotation, scale, translation; :func:`random_affine`,
-  reflection padding) and colour jitter (brightness, contrast, saturation; :func:`random_color`)
-  of ``train.online_rotation`` / ``online_scale`` / ``online_translate`` / ``online_color``. Every
-  draw comes from one seeded generator in the main process (checkpointed with the rest of the RNG
-  state), so the views do not depend on DataLoader workers and a resumed run is bit-identical.
-  Why online as well as the offline ``augment`` copies: the copies are written once, so a rare
-  class balanced with 20 copies shows the network the same 20 pictures every epoch; online views
-  are new each epoch (the cure for the early over-fitting the quality benchmark measured). The
-  patent's pairs are untouched: both images of a pair are transformed independently, the labels
-  and the same/different target do not change. Last comes, per batch, an optional random
-  convolution (RandConv, :func:`random_conv`, ``train.online_randconv``). With every online knob
-  at 0 no extra number is drawn, so the training is the same as before the knobs existed.
-* **Mixing** (:class:`BatchMix`, ``train.mixup_alpha`` / ``cutmix_alpha``, off by default): after
-  the views, a batch may be blended with a shuffled copy of itself, both images of a pair alike,
-  and the joint loss blended the same way (soft targets for both branches and the discriminator).
-* **Site adversary** (:class:`SiteAdversary`, ``train.site_adversarial``, off by default): a
-  training-only site classifier on both halves' GAP vectors behind a gradient reversal
-  (:mod:`pipeline.core.adversarial`); its loss joins the backward pass only.
+  the lowest total (earliest epoch on ties) is the recognition model (patent S2, :meth:`Trainer.fit`).
+* **The trainer's extension points** (:class:`Trainer`): the *loss* (the twin's joint loss,
+  :func:`twin_loss`; a baseline's cross-entropy), the *batch transform* (per-sample random flips of
+  the cached uint8 images, :func:`flip_transform`, ``train.online_flip`` / ``flip_prob``; both images
+  of a pair are flipped independently, labels and the same/different target unchanged) and the
+  *weight average* (:class:`WeightAverage`, ``train.swa_start``). Every random draw comes from one
+  seeded generator in the main process (checkpointed with the rest of the RNG state), so a resumed
+  run is bit-identical and ``train.num_workers`` changes nothing.
 * **Sharding.** Under DDP each rank takes every ``world``-th shuffled pair (like
   ``DistributedSampler``, padded to a multiple of the world size) and every ``world``-th val image;
-  the loss sums are reduced with the ``all_reduce`` callable the stage passes in.
+  the loss sums are reduced with the ``reduce`` callable the stage passes in.
 """
 
 from __future__ import annotations
@@ -50,6 +39,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,10 +48,8 @@ import numpy as np
 import torch
 
 from pipeline.config import LossConfig, TrainConfig
-from pipeline.core.adversarial import dann_coefficient, site_loss
-from pipeline.core.imaging import normalize_unit, to_model_input
-from pipeline.core.losses import focal_loss, joint_loss, mixed_joint_loss
-from pipeline.core.model import TwinNet
+from pipeline.core.imaging import to_model_input
+from pipeline.core.losses import focal_loss, joint_loss
 from pipeline.errors import PipelineError
 
 HISTORY_COLUMNS: tuple[str, ...] = (
@@ -77,9 +65,11 @@ HISTORY_COLUMNS: tuple[str, ...] = (
     "lr",
     "seconds",
 )
-TRAIN_SUMS: tuple[str, ...] = ("train_loss", "train_focal1", "train_focal2", "train_disc")
 
 Reduce = Callable[[list[float]], list[float]]
+Batch = tuple[torch.Tensor, ...]  # uint8 image batches on the host, then their int64 labels
+LossFn = Callable[[Any, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def _no_reduce(values: list[float]) -> list[float]:
@@ -110,15 +100,9 @@ class DeviceSetup:
         amp = "fp32" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
         return f"{self.device} {amp}{' channels_last' if self.channels_last else ''}"
 
-    def to_input(
-        self, x_uint8: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """uint8 NCHW on the host -> normalised float on the device (channels_last when set).
-
-        ``transform`` (training only) maps the float [0, 1] images on the device before they are
-        normalised (:meth:`OnlineAugment.device_transform`)."""
-        x = x_uint8.to(self.device, non_blocking=True)
-        x = to_model_input(x) if transform is None else normalize_unit(transform(x.float().div_(255.0)))
+    def to_input(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW on the host -> normalised float on the device (channels_last when set)."""
+        x = to_model_input(x_uint8.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -156,10 +140,6 @@ class TrainData:
     digest: str
     # colour constancy of the train copies ({} = none); the val rows are corrected the same way
     preprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # acquisition site per image row (index into site_names, the train images' sites, sorted;
-    # -1 for a val image from a site no train image has); used by train.site_adversarial
-    sites: np.ndarray | None = None
-    site_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,32 +220,26 @@ def epoch_batches(data: TrainData, epoch: int, batch_size: int, seed: int, rank:
 
 
 class BatchSet(torch.utils.data.Dataset):
-    """Whole batches as items: (left uint8, right uint8, y_left, y_right), and with ``sites`` (the
-    site index per image row, for :class:`SiteAdversary`) also (site_left, site_right)."""
+    """Whole pair batches as items: (left uint8, right uint8, y_left, y_right)."""
 
-    def __init__(
-        self, images: Images, labels: np.ndarray, pe: PairEpoch, batches: list[np.ndarray], sites: np.ndarray | None = None
-    ):
-        self.images, self.labels, self.pe, self.batches, self.sites = images, labels, pe, batches, sites
+    def __init__(self, images: Images, labels: np.ndarray, pe: PairEpoch, batches: list[np.ndarray]):
+        self.images, self.labels, self.pe, self.batches = images, labels, pe, batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, i: int) -> Batch:
         idx = self.batches[i]
         lrows, rrows = self.pe.left[idx], self.pe.right[idx]
-        items = (
+        return (
             torch.from_numpy(self.images.take(lrows)),
             torch.from_numpy(self.images.take(rrows)),
             torch.from_numpy(self.labels[lrows]),
             torch.from_numpy(self.labels[rrows]),
         )
-        if self.sites is None:
-            return items
-        return (*items, torch.from_numpy(self.sites[lrows]), torch.from_numpy(self.sites[rrows]))
 
 
-def iter_batches(ds: BatchSet, num_workers: int, pin: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+def iter_batches(ds: BatchSet, num_workers: int, pin: bool) -> Iterator[Batch]:
     """The batches in order; with ``num_workers > 0`` gathered by DataLoader workers."""
     if num_workers <= 0:
         for i in range(len(ds)):
@@ -292,217 +266,12 @@ def random_flip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.
     return x
 
 
-def random_affine(x: torch.Tensor, u: torch.Tensor, rotation: float, scale: float, translate: float) -> torch.Tensor:
-    """Per-sample random rotation (degrees in ``[-rotation, rotation]``), isotropic scale (in
-    ``[1 - scale, 1 + scale]``, > 1 zooms in) and translation (up to ``translate`` of the side, each
-    axis) of float images ``x`` (N, C, H, W), bilinear, reflection padding (the lesion's skin
-    continues past the border; zeros would teach the network black corners).
-
-    ``u`` (N, 4) holds uniform [0, 1) draws (angle, scale, tx, ty), so the function is pure and the
-    caller owns the randomness."""
-    u = u.to(device=x.device, dtype=x.dtype)
-    angle = (2 * u[:, 0] - 1) * math.radians(rotation)
-    zoom = 1 + (2 * u[:, 1] - 1) * scale
-    tx, ty = (2 * u[:, 2] - 1) * 2 * translate, (2 * u[:, 3] - 1) * 2 * translate  # [-1, 1] grid units
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (N, 2, 3)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def random_color(x: torch.Tensor, u: torch.Tensor, strength: float) -> torch.Tensor:
-    """Per-sample brightness, contrast and saturation factors ``b, c, s``, each in ``[1 - strength,
-    1 + strength]``, of float RGB images in [0, 1] (torchvision ColorJitter's definitions, in that
-    order), clipped to [0, 1] once at the end rather than after each factor, which makes the three
-    one linear map per image: ``s*c*b*x + (1-s)*c*b*grey(x) + (1-c)*b*mean(grey(x))`` (grey = ITU-R
-    601 luma). ``u`` (N, 3): uniform [0, 1) draws."""
-    f = 1 + (2 * u.to(device=x.device, dtype=x.dtype) - 1) * strength
-    b, c, s = (f[:, i].view(-1, 1, 1, 1) for i in range(3))
-    weights = torch.tensor((0.299, 0.587, 0.114), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    grey = (x * weights).sum(1, keepdim=True)
-    mean = grey.mean((2, 3), keepdim=True)
-    return (x * (s * c * b) + grey * ((1 - s) * c * b) + mean * ((1 - c) * b)).clamp_(0, 1)
-
-
-def random_conv(x: torch.Tensor, weight: torch.Tensor, mix: float) -> torch.Tensor:
-    """RandConv (Xu et al., "Robust and generalizable visual representation learning via random
-    convolutions", ICLR 2021), its mixing variant: ``mix * x + (1 - mix) * conv(x, weight)`` of
-    float images ``x`` (N, 3, H, W), ``weight`` (3, 3, k, k) with k odd, reflection padding so the
-    size stays and the border carries no black frame. Not clipped (as in the paper): the random
-    filter may invert or swap colours and blur or sharpen texture, which is the point: a network
-    that must read the lesion through any such filter cannot lean on one device's colour response
-    or one sensor's texture. Pure: the caller draws ``weight`` and ``mix``."""
-    k = int(weight.shape[-1])
-    w = weight.to(device=x.device, dtype=x.dtype)
-    padded = x if k == 1 else torch.nn.functional.pad(x, (k // 2,) * 4, mode="reflect")
-    return x * mix + torch.nn.functional.conv2d(padded, w) * (1.0 - mix)
-
-
-@dataclass(frozen=True)
-class OnlineAugment:
-    """The training-time views of a batch (``train.online_*``; see the module docstring).
-
-    RandConv (``randconv``, the probability per batch; :func:`random_conv`), choices the paper
-    leaves open or that differ from it:
-
-    * One filter per call, i.e. per batch of one side of the pairs: the left and the right images
-      of a batch get independent filters (and each is applied or not on its own draw), so a
-      same-class pair may look as if taken by two different devices and the discriminator must
-      see through that.
-    * Weights ``N(0, 1 / (3 k^2))`` (variance one over the fan-in ``3 k^2``: a filter that keeps
-      the images' scale on average), the kernel side ``k`` uniform over ``randconv_kernels``
-      (default 1, 3, 5: at 48 px a 7x7 filter smears a lesion's structure away), the mixing
-      weight uniform in [0, 1), as in the paper's mixing variant.
-    * Measured on HAM10000 (bench/README.md, trials 86-89) it lost macro AUC on every split:
-      colour is a class cue in dermoscopy (``vasc`` is red), and a random colour map hides it.
-    * Applied last, after the affine and the colour jitter, to the float [0, 1] images before
-      they are normalised; validation, the lowest-loss state and the export never see it.
-    * A fixed number of draws per call while on (3 uniforms and a 3 x 3 x k_max x k_max normal
-      tensor, whose centre k x k is used), so resume stays bit-identical; while off nothing is
-      drawn.
-    """
-
-    flip_prob: float = 0.0  # 0 = no flips
-    rotation: float = 0.0  # degrees
-    scale: float = 0.0
-    translate: float = 0.0
-    color: float = 0.0
-    randconv: float = 0.0  # probability per batch
-    randconv_kernels: tuple[int, ...] = (1, 3, 5)
-
-    @classmethod
-    def from_config(cls, tc: TrainConfig) -> "OnlineAugment":
-        return cls(
-            flip_prob=tc.flip_prob if tc.online_flip else 0.0, rotation=tc.online_rotation,
-            scale=tc.online_scale, translate=tc.online_translate, color=tc.online_color,
-            randconv=tc.online_randconv, randconv_kernels=tuple(tc.online_randconv_kernels),
-        )  # fmt: skip
-
-    @property
-    def geometric(self) -> bool:
-        return self.rotation > 0 or self.scale > 0 or self.translate > 0
-
-    def _draw_randconv(self, gen: torch.Generator) -> tuple[torch.Tensor, float] | None:
-        """This batch's random filter and mixing weight, or ``None`` (not applied this time)."""
-        u = torch.rand(3, generator=gen).tolist()  # applied?, kernel side, mixing weight
-        k_max = max(self.randconv_kernels)
-        w = torch.randn((3, 3, k_max, k_max), generator=gen)
-        if u[0] >= self.randconv:
-            return None
-        k = self.randconv_kernels[int(u[1] * len(self.randconv_kernels))]  # u[1] < 1: a valid index
-        lo = (k_max - k) // 2
-        return w[:, :, lo : lo + k, lo : lo + k] / math.sqrt(3 * k * k), u[2]
-
-    def device_transform(self, n: int, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The affine + colour + random-convolution step for a batch of ``n`` images, its draws
-        taken from ``gen`` now (in the main process, in a fixed order); ``None`` when all are off
-        (nothing drawn)."""
-        if not self.geometric and self.color <= 0 and self.randconv <= 0:
-            return None
-        u_geo = torch.rand((n, 4), generator=gen) if self.geometric else None
-        u_col = torch.rand((n, 3), generator=gen) if self.color > 0 else None
-        conv = self._draw_randconv(gen) if self.randconv > 0 else None
-
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            if u_geo is not None:
-                x = random_affine(x, u_geo, self.rotation, self.scale, self.translate)
-            if u_col is not None:
-                x = random_color(x, u_col, self.color)
-            if conv is not None:
-                x = random_conv(x, *conv)
-            return x
-
-        return apply
-
-    def __call__(self, x_uint8: torch.Tensor, gen: torch.Generator, ds: "DeviceSetup") -> torch.Tensor:
-        """uint8 NCHW on the host -> an augmented, normalised batch on ``ds``'s device."""
-        if self.flip_prob > 0:
-            x_uint8 = random_flip(x_uint8, gen, self.flip_prob)
-        return ds.to_input(x_uint8, self.device_transform(x_uint8.shape[0], gen))
-
-
-@dataclass(frozen=True)
-class MixDraw:
-    """One batch's mix: partner ``perm[i]`` of sample ``i``, weight ``lam`` of the sample itself, and
-    for CutMix the pasted box ``(top, left, height, width)`` in pixels (``None``: mixup)."""
-
-    lam: float
-    perm: torch.Tensor  # int64 (N,), on the host
-    box: tuple[int, int, int, int] | None = None
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The mixed batch of ``x`` (N, C, H, W), on ``x``'s device and in its memory format
-        (channels-last stays channels-last); a new tensor, ``x`` unchanged."""
-        perm = self.perm.to(x.device)
-        if self.box is None:
-            out = x * self.lam + x[perm] * (1.0 - self.lam)
-        else:
-            top, left, h, w = self.box
-            out = x.clone()
-            out[:, :, top : top + h, left : left + w] = x[perm][:, :, top : top + h, left : left + w]
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-@dataclass(frozen=True)
-class BatchMix:
-    """Mixup (Zhang et al., ICLR 2018) and CutMix (Yun et al., ICCV 2019) of pair batches
-    (``train.mixup_alpha`` / ``cutmix_alpha`` / ``mix_prob``).
-
-    Choices (the patent has no mixing; it leaves the pairs and the joint loss as they are):
-
-    * One draw per batch, as timm does: ``lam ~ Beta(alpha, alpha)`` and a random permutation of the
-      batch; the **same** ``lam``, partner and (CutMix) box for the left and the right image of a
-      pair, so a mixed pair is ``lam`` of pair ``i`` and ``1 - lam`` of pair ``perm[i]`` on both
-      sides and its loss is the same blend of the two pairs' joint losses
-      (:func:`pipeline.core.losses.mixed_joint_loss`): soft class targets for both branches and a
-      soft same/different target for the discriminator.
-    * CutMix box: side ratio ``sqrt(1 - lam)``, centre uniform over the image, clipped at the
-      border; ``lam`` is then recomputed as the area kept, so the targets match the pixels.
-    * With both alphas on, each mixed batch picks mixup or CutMix with probability 1/2; a batch is
-      mixed with probability ``mix_prob``.
-    * Applied after the online views, to the normalised batch on the training device (the
-      normalisation is affine per channel, so mixing before or after it is the same). Validation,
-      the lowest-loss state and the export are untouched.
-    * Every draw comes from the training generator (checkpointed), a fixed number per batch while
-      on, so resume stays bit-identical; while both alphas are 0 nothing is drawn and training is
-      exactly what it was before the knobs existed.
-    """
-
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    prob: float = 1.0
-
-    @classmethod
-    def from_config(cls, tc: TrainConfig) -> "BatchMix":
-        return cls(mixup_alpha=tc.mixup_alpha, cutmix_alpha=tc.cutmix_alpha, prob=tc.mix_prob)
-
-    @property
-    def on(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
-
-    def draw(self, n: int, size: tuple[int, int], gen: torch.Generator) -> MixDraw | None:
-        """The mix of a batch of ``n`` images of ``size`` = (H, W), or ``None`` (not mixed)."""
-        if not self.on:
-            return None
-        u = torch.rand(4, generator=gen).tolist()  # mixed?, which one, box centre y, x
-        perm = torch.randperm(n, generator=gen)
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or u[1] < 0.5)
-        lam = float(rng.beta(*(2 * [self.cutmix_alpha if cutmix else self.mixup_alpha])))
-        if u[0] >= self.prob:
-            return None
-        if not cutmix:
-            return MixDraw(lam, perm)
-        h, w = size
-        cut_h, cut_w = int(round(h * math.sqrt(1.0 - lam))), int(round(w * math.sqrt(1.0 - lam)))
-        cy, cx = int(u[2] * h), int(u[3] * w)
-        top, bottom = max(cy - cut_h // 2, 0), min(cy + (cut_h - cut_h // 2), h)
-        left, right = max(cx - cut_w // 2, 0), min(cx + (cut_w - cut_w // 2), w)
-        if bottom <= top or right <= left:
-            return MixDraw(1.0, perm)  # an empty box: the batch as it is
-        kept = 1.0 - (bottom - top) * (right - left) / (h * w)
-        return MixDraw(kept, perm, (top, left, bottom - top, right - left))
+def flip_transform(tc: TrainConfig) -> Transform | None:
+    """The batch transform of ``train.online_flip`` / ``flip_prob`` (``None`` when off: nothing drawn)."""
+    if not tc.online_flip or tc.flip_prob <= 0:
+        return None
+    p = tc.flip_prob
+    return lambda x, gen: random_flip(x, gen, p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,7 +321,9 @@ def optimizer_step(
 def float_output(out: Any) -> Any:
     """The model output with every float tensor in float32 (losses run in float32 under AMP).
 
-    Works for a NamedTuple or a dataclass output; anything else is returned unchanged."""
+    Works for a tensor, a NamedTuple or a dataclass output; anything else is returned unchanged."""
+    if torch.is_tensor(out):
+        return out.float() if out.is_floating_point() else out
     if hasattr(out, "_asdict"):
         fields = out._asdict()
     elif dataclasses.is_dataclass(out):
@@ -594,218 +365,157 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# One epoch, validation
+# The trainer
 # --------------------------------------------------------------------------------------------
 
 
-def build_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """An exponential moving average of ``model``'s weights and buffers (``train.ema_decay``):
-    after every optimizer step ``ema = decay * ema + (1 - decay) * weights`` (the first step
-    copies them). ``.module`` is the averaged twin; validation, the lowest-loss state and the
-    export use it when EMA is on."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def build_swa(model: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel:
+class WeightAverage:
     """Stochastic weight averaging (``train.swa_start``; Izmailov et al., UAI 2018): the uniform
-    running mean of ``model``'s weights **and** batch-norm buffers, updated once at the end of each
-    epoch from ``swa_start`` on (the first update copies them). ``.module`` is the averaged twin;
-    from ``swa_start`` on, validation, the lowest-loss state and the export use it.
-
-    Choices where the method leaves room: by default snapshots per epoch (``train.swa_every:
-    epoch``, what bench/README.md trials 20-27 measured); ``swa_every: step`` averages every
-    optimizer step instead (:func:`swa_per_step`, the dense variant of SWAD, Cha et al., NeurIPS
-    2021). The schedule is left as configured (cosine), not switched to a constant SWA learning
-    rate. Batch-norm statistics are by default the mean of the snapshots' running statistics, so
-    the averaged model is ready after each epoch at no extra cost; ``train.swa_bn: recompute``
-    recomputes them by one pass over the train images instead (:func:`recompute_batch_norm`).
+    running mean of the weights **and** batch-norm buffers at the end of each epoch from
+    ``start`` (1-based) on; from then on the mean is what is validated, kept as the lowest-loss
+    state and exported. Choices: the schedule is left as configured (not switched to a constant SWA
+    learning rate); batch-norm statistics are the mean of the snapshots' running statistics, so the
+    averaged model is ready after each epoch at no extra cost.
 
     The running mean is torch's per-tensor SWA update, ``avg + (new - avg) / (n + 1)``, on every
     device: torch's default on CUDA is a fused (foreach) update whose integer branch fails on the
     batch-norm counters (``num_batches_tracked``: "Integer division with addcdiv is no longer
-    supported", torch 2.11 on an H200), and on CPU torch already takes this per-tensor path, so CPU
-    results are unchanged. Integer buffers keep the truncated mean, as on CPU before."""
-    from torch.optim.swa_utils import AveragedModel, get_swa_avg_fn
+    supported"); on CPU torch takes this per-tensor path anyway. Integer buffers keep the
+    truncated mean."""
 
-    return AveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=True)
+    def __init__(self, model: torch.nn.Module, start: int) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_swa_avg_fn
 
+        self.start = int(start)
+        self.averaged = AveragedModel(model, avg_fn=get_swa_avg_fn(), use_buffers=True)
 
-def swa_active(epoch: int, swa_start: int | None) -> bool:
-    """Whether the weights after 1-based ``epoch`` join the average (``train.swa_start``)."""
-    return swa_start is not None and epoch >= swa_start
+    def active(self, epoch: int) -> bool:
+        """Whether the weights after 1-based ``epoch`` join the mean."""
+        return epoch >= self.start
 
-
-def swa_per_step(epoch: int, tc: TrainConfig) -> bool:
-    """Whether every optimizer step of 1-based ``epoch`` joins the average (``train.swa_every:
-    step``, the dense averaging of SWAD, Cha et al., NeurIPS 2021) rather than only the weights at
-    the epoch's end. SWAD's window is where the validation loss stays near its minimum; here its
-    start is ``swa_start`` and its end is the patent's lowest-loss state: the mean as validated at
-    the end of each epoch is a candidate state, so the kept state is the dense mean from the first
-    step of epoch ``swa_start`` to the end of the epoch with the lowest validation loss."""
-    return tc.swa_every == "step" and swa_active(epoch, tc.swa_start)
-
-
-@torch.no_grad()
-def recompute_batch_norm(
-    model: torch.nn.Module, images: Images | np.ndarray, rows: np.ndarray, batch_size: int, ds: DeviceSetup
-) -> None:
-    """Batch-norm running statistics of ``model`` recomputed from scratch over the images ``rows``
-    (``train.swa_bn: recompute``): every batch-norm layer's statistics are reset and become the
-    cumulative mean of its per-batch statistics in training mode (momentum ``None``), as
-    ``torch.optim.swa_utils.update_bn`` does and SWA / SWAD prescribe for averaged weights, whose
-    own activations the averaged running statistics do not describe.
-
-    Choices: the twin gets each image as both halves of a pair, so the shared extractor and both
-    branches see every image once (a one-input classifier, e.g. the benchmark's baselines, gets it
-    once); the images are the cached training copies without online views; style mixing is
-    suspended for the pass (dropout, also active in training mode, sits after the last batch norm
-    and changes nothing). Modes, momenta and the style mixing are restored afterwards. ``images``
-    is the image cache or a uint8 array (N, 3, S, S)."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not layers or len(rows) == 0:
-        return
-    pair = isinstance(model, TwinNet)
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    extractor = getattr(model, "extractor", None)
-    style_p = getattr(extractor, "style_mix_p", 0.0)
-    if style_p:
-        extractor.style_mix_p = 0.0  # type: ignore[union-attr]
-    was_training = model.training
-    model.train()
-    try:
-        for i in range(0, len(rows), batch_size):
-            r = rows[i : i + batch_size]
-            batch = images[r] if isinstance(images, np.ndarray) else images.take(r)
-            x = ds.to_input(torch.from_numpy(np.ascontiguousarray(batch)))
-            with ds.autocast():
-                model(x, x) if pair else model(x)
-    finally:
-        model.train(was_training)
-        for m, momentum in zip(layers, momenta, strict=True):
-            m.momentum = momentum
-        if style_p:
-            extractor.style_mix_p = style_p  # type: ignore[union-attr]
+    def judged(self, model: torch.nn.Module, epoch: int) -> torch.nn.Module:
+        """The module to validate after 1-based ``epoch``: ``model`` before ``start``, else the mean
+        with ``model``'s weights added."""
+        if not self.active(epoch):
+            return model
+        self.averaged.update_parameters(model)
+        return self.averaged.module
 
 
-def swa_epoch_end(
-    swa: torch.optim.swa_utils.AveragedModel,
-    model: torch.nn.Module,
-    epoch: int,
-    tc: TrainConfig,
-    images: Images | np.ndarray,
-    train_rows: np.ndarray,
-    batch_size: int,
-    ds: DeviceSetup,
-) -> torch.nn.Module:
-    """The averaged model to validate at the end of 1-based ``epoch`` (call only while
-    :func:`swa_active`): ``model``'s weights join the mean here unless every step already did
-    (:func:`swa_per_step`), and with ``train.swa_bn: recompute`` the mean's batch-norm statistics
-    are recomputed over ``train_rows`` (:func:`recompute_batch_norm`). One place for the twin's
-    stage and the benchmark's baselines."""
-    if not swa_per_step(epoch, tc):
-        swa.update_parameters(model)
-    if tc.swa_bn == "recompute":
-        recompute_batch_norm(swa.module, images, train_rows, batch_size, ds)
-    return swa.module
+def twin_loss(loss_cfg: LossConfig, alpha: torch.Tensor | None) -> LossFn:
+    """The patent's joint loss as a :class:`Trainer` loss: the twin's output and ``(y_left,
+    y_right)`` -> ``train_loss`` (the objective) and its three unweighted parts."""
+
+    def loss(out: Any, targets: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        parts = joint_loss(out, targets[0], targets[1], loss_cfg, alpha)
+        return {"train_loss": parts.total, "train_focal1": parts.focal1, "train_focal2": parts.focal2,
+                "train_disc": parts.disc}  # fmt: skip
+
+    return loss
 
 
-@dataclass(frozen=True)
-class SiteAdversary:
-    """The site-adversarial term of one epoch (``train.site_adversarial``,
-    :mod:`pipeline.core.adversarial`): the site head (trained by the same optimizer), the largest
-    reversed-gradient coefficient, and the optimizer steps before this epoch and in all, which give
-    the ramp's progress at each step (so a resumed run continues the same ramp)."""
+@dataclass
+class Trainer:
+    """One training loop: forward, loss, optimizer step, weight average, validation, and the
+    lowest-validation-loss state (patent S2).
 
-    head: torch.nn.Module
-    weight: float
-    first_step: int
-    total_steps: int
-
-    def coefficient(self, step_in_epoch: int) -> float:
-        return dann_coefficient((self.first_step + step_in_epoch) / max(1, self.total_steps), self.weight)
-
-
-def train_epoch(
-    model: torch.nn.Module,
-    batches: Iterator[tuple[torch.Tensor, ...]],
-    *,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    scaler: Any,
-    gen: torch.Generator,
-    tc: TrainConfig,
-    loss_cfg: LossConfig,
-    alpha: torch.Tensor | None,
-    ds: DeviceSetup,
-    epoch: int,
-    on_step: Callable[[dict[str, float], float], None] | None = None,
-    averaged: Any = None,
-    adversary: SiteAdversary | None = None,
-    shift: torch.Tensor | None = None,
-) -> tuple[dict[str, float], float]:
-    """One pass over ``batches``: ``(loss sums weighted by batch size, pairs seen)``.
-
-    ``averaged`` (:func:`build_ema`, or :func:`build_swa` when :func:`swa_per_step`) is updated
-    after every optimizer step. With ``adversary`` the batches carry the two sides' site indices
-    (:class:`BatchSet` with ``sites``), the site loss of both halves' GAP vectors joins the
-    backward pass and its sum is reported as ``train_site`` (the joint loss sums are unchanged).
-    ``shift`` is the logit adjustment of both branches (:func:`pipeline.core.losses.logit_shift`).
-
-    Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause).
+    ``model`` is what the optimizer steps (DDP-wrapped under ``torchrun``), ``net`` the plain
+    module inside it. A batch is ``n`` uint8 image tensors followed by their label tensors;
+    ``n`` is ``inputs`` (2 for the twin's pairs, 1 for a classifier). Each image tensor goes
+    through ``transform`` (drawing from ``gen``) and onto the device; the model's float32 output
+    and the labels go to ``loss``, whose first entry is the objective.
     """
-    sums = dict.fromkeys(TRAIN_SUMS, 0.0)
-    if adversary is not None:
-        sums["train_site"] = 0.0
-    n_seen = 0.0
-    views = OnlineAugment.from_config(tc)
-    mixing = BatchMix.from_config(tc)
-    non_finite = f"non-finite training loss at epoch {epoch + 1}; lower train.lr"
-    for step, (xl_u8, xr_u8, yl, yr, *sites) in enumerate(batches):
-        xl, xr = views(xl_u8, gen, ds), views(xr_u8, gen, ds)
-        yl, yr = yl.to(ds.device, non_blocking=True), yr.to(ds.device, non_blocking=True)
-        mix = mixing.draw(xl.shape[0], (xl.shape[-2], xl.shape[-1]), gen)
-        if mix is not None:
-            xl, xr = mix.apply(xl), mix.apply(xr)
-        with ds.autocast():
-            out = model(xl, xr)
-        out = float_output(out)
-        perm = None if mix is None else mix.perm.to(yl.device)
-        if mix is None:
-            loss = joint_loss(out, yl, yr, loss_cfg, alpha, shift)
-        else:
-            loss = mixed_joint_loss(out, yl, yr, loss_cfg, mix.lam, perm, alpha, shift)
-        objective = loss.total
-        if adversary is not None:
-            y2, s2 = torch.cat([yl, yr]), torch.cat(sites).to(ds.device, non_blocking=True)
-            site = site_loss(
-                adversary.head, torch.cat([out.pooled1, out.pooled2]), y2, s2, adversary.coefficient(step),
-                1.0 if mix is None else mix.lam, None if perm is None else torch.cat([perm, perm + yl.shape[0]]),
-            )  # fmt: skip
-            objective = objective + site
-        optimizer_step(objective, opt, sched, scaler, non_finite)
-        if averaged is not None:
-            averaged.update_parameters(getattr(model, "module", model))
-        n = float(yl.shape[0])
-        n_seen += n
-        for key, val in zip(TRAIN_SUMS, (loss.total, loss.focal1, loss.focal2, loss.disc), strict=True):
-            sums[key] += float(val.detach()) * n
-        if adversary is not None:
-            sums["train_site"] += float(site.detach()) * n
-        if on_step is not None:
-            on_step(sums, n_seen)
-    return sums, n_seen
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    loss: LossFn
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+    ds: DeviceSetup
+    gen: torch.Generator
+    inputs: int = 2
+    transform: Transform | None = None
+    average: WeightAverage | None = None
+    reduce: Reduce = _no_reduce
+
+    def train_epoch(
+        self, batches: Iterator[Batch], epoch: int, on_step: Callable[[dict[str, float]], None] | None = None
+    ) -> dict[str, float]:
+        """One pass over ``batches``; the mean of each loss entry over the samples seen (all ranks).
+        Raises :class:`PipelineError` on a non-finite loss (the learning rate is the usual cause)."""
+        self.model.train()
+        sums: dict[str, float] = {}
+        n_seen = 0.0
+        non_finite = f"non-finite training loss at epoch {epoch + 1}; lower train.lr"
+        for batch in batches:
+            xs = [self._input(x) for x in batch[: self.inputs]]
+            ys = tuple(y.to(self.ds.device, non_blocking=True) for y in batch[self.inputs :])
+            with self.ds.autocast():
+                out = self.model(*xs)
+            terms = self.loss(float_output(out), ys)
+            optimizer_step(next(iter(terms.values())), self.opt, self.sched, self.scaler, non_finite)
+            n = float(ys[0].shape[0])
+            n_seen += n
+            for key, val in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(val.detach()) * n
+            if on_step is not None:
+                on_step({k: v / n_seen for k, v in sums.items()})
+        keys = list(sums)
+        reduced = self.reduce([sums[k] for k in keys] + [n_seen])
+        return {k: v / max(reduced[-1], 1.0) for k, v in zip(keys, reduced[:-1], strict=True)}
+
+    def _input(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:
+            x_uint8 = self.transform(x_uint8, self.gen)
+        return self.ds.to_input(x_uint8)
+
+    def fit(
+        self,
+        epochs: range,
+        batches: Callable[[int], tuple[Iterator[Batch], int]],
+        score: Callable[[torch.nn.Module], dict[str, float]],
+        *,
+        key: str,
+        history: list[dict[str, float]] | None = None,
+        best: dict[str, Any] | None = None,
+        progress: Callable[[int, int], Callable[[dict[str, float]], None] | None] | None = None,
+        on_epoch: Callable[[list[dict[str, float]], dict[str, Any], bool], None] | None = None,
+    ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+        """Train ``epochs`` (0-based, e.g. ``range(resumed, total)``), validating after each with
+        ``score``; returns the history rows and the best state: ``{"epoch", **scores, "state"}``
+        of the lowest ``scores[key]`` (earliest on ties). ``batches(epoch)`` gives an epoch's
+        batches and their count; ``progress(epoch, count)`` an optional per-step callback;
+        ``on_epoch(history, best, improved)`` runs after each epoch (the stage's checkpoints)."""
+        history = list(history or [])
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            lr = float(self.opt.param_groups[0]["lr"])
+            it, count = batches(epoch)
+            means = self.train_epoch(it, epoch, progress(epoch, count) if progress is not None else None)
+            judged = self.net if self.average is None else self.average.judged(self.net, epoch + 1)
+            scores = score(judged)
+            row = {"epoch": epoch + 1, **means, **scores, "lr": lr, "seconds": time.perf_counter() - t0}
+            history.append(row)
+            improved = best is None or scores[key] < best[key]
+            if improved:
+                best = {"epoch": epoch + 1, **scores, "state": cpu_state(judged)}
+            assert best is not None
+            if on_epoch is not None:
+                on_epoch(history, best, improved)
+        if best is None:
+            raise PipelineError("no epoch to train: the run has no epoch left and no best state")
+        return history, best
 
 
-def _focal_sum(
-    logits: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig, alpha: torch.Tensor | None, shift: torch.Tensor | None
-) -> float:
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _focal_sum(logits: torch.Tensor, y: torch.Tensor, loss_cfg: LossConfig, alpha: torch.Tensor | None) -> float:
     """Sum over the batch of the per-image focal loss (so sums over batches give the exact mean)."""
-    return float(focal_loss(logits.float(), y, loss_cfg.gamma, alpha, reduction="sum", shift=shift))
+    return float(focal_loss(logits.float(), y, loss_cfg.gamma, alpha, reduction="sum"))
 
 
 @torch.no_grad()
@@ -819,10 +529,9 @@ def validate(
     rank: int = 0,
     world: int = 1,
     all_reduce: Reduce = _no_reduce,
-    shift: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Validation losses of branch 1, branch 2, the discriminator and their weighted total
-    (``alpha`` and the logit adjustment ``shift`` as in training; never label smoothing)."""
+    (``alpha`` as in training)."""
     was_training = twin.training
     twin.eval()
     rows = data.val_rows[rank::world]
@@ -833,8 +542,8 @@ def validate(
         y = torch.from_numpy(data.labels[r]).to(ds.device)
         with ds.autocast():
             out = twin(x, x)
-        s1 += _focal_sum(out.logits1, y, loss_cfg, alpha, shift)
-        s2 += _focal_sum(out.logits2, y, loss_cfg, alpha, shift)
+        s1 += _focal_sum(out.logits1, y, loss_cfg, alpha)
+        s2 += _focal_sum(out.logits2, y, loss_cfg, alpha)
         n_img += len(r)
     vp = data.val_pairs
     pos = np.arange(len(vp))[rank::world]

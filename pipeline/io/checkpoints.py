@@ -27,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import Config
+from pipeline.core.training import TrainData, set_rng_state
 from pipeline.errors import PipelineError, StorageError
+from pipeline.labels import CLASSES, NUM_CLASSES
 from pipeline.io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -142,4 +145,44 @@ def load_best(path: str | Path) -> dict[str, Any]:
     return best
 
 
+def best_payload(best: dict[str, Any], cfg: Config, data: TrainData, counts: dict[str, int], digest: str) -> dict[str, Any]:
+    """``best.pt`` of the lowest-loss state ``best``: only tensors and plain values, so
+    ``torch.load(weights_only=True)`` reads it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": best["state"],
+        "epoch": int(best["epoch"]),
+        "val_loss_branch1": float(best["val_loss_branch1"]),
+        "val_loss_branch2": float(best["val_loss_branch2"]),
+        "val_loss_discriminator": float(best["val_loss_discriminator"]),
+        "val_loss_total": float(best["val_loss_total"]),
+        "model_config": cfg.model.recorded(),
+        "num_classes": NUM_CLASSES,
+        "classes": list(CLASSES),
+        "image_size": int(data.image_size),
+        "params_train": int(counts["params_train"]),
+        "params_inference": int(counts["params_inference"]),
+        "train_digest": digest,
+        "config_digest": cfg.digest(),
+        **({"preprocess": dict(data.preprocess)} if data.preprocess.get("color_constancy", "none") != "none" else {}),
+    }
 
+def last_payload(
+    digest: str, epoch: int, parts: dict[str, Any], rng: list[dict[str, Any]], history: list[dict[str, float]],
+    best: dict[str, Any],
+) -> dict[str, Any]:
+    """``last.pt`` after 1-based ``epoch``: ``parts`` are the state dicts of the resumable pieces
+    (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``swa``), ``rng`` every rank's RNG states."""
+    return {"format": CHECKPOINT_FORMAT, "digest": digest, "epoch": int(epoch), **parts,
+            "rng": [encode_rng(r) for r in rng], "history": history, "best": best}  # fmt: skip
+
+
+def restore(ckpt: dict[str, Any], parts: dict[str, Any], gen: torch.Generator, rank: int, world: int) -> None:
+    """Load a resumable checkpoint into ``parts`` (objects with ``load_state_dict``, by the names
+    :func:`last_payload` stores them under; a part the checkpoint has not, e.g. no grad scaler on
+    the CPU, is left as it is) and this rank's RNG states (when the world size is unchanged)."""
+    for name, part in parts.items():
+        if ckpt.get(name):
+            part.load_state_dict(ckpt[name])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], gen)

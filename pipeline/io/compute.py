@@ -3,8 +3,8 @@
 * :func:`resolve_device` -- ``train.device=auto`` uses CUDA when present, with autocast (bf16 where
   supported, else fp16 with a ``GradScaler``) when ``train.amp``; otherwise CPU in float32. On both,
   ``train.channels_last`` trains in the channels-last memory format: this model is mostly depthwise
-  and 1x1 convolutions, which oneDNN on CPU runs about 1.7x faster per training step in that format
-  (``bench/README.md``), and which CUDA's tensor-core kernels expect.
+  and 1x1 convolutions, which oneDNN on CPU runs faster in that format (``bench/throughput.py``
+  measures it), and which CUDA's tensor-core kernels expect.
 * :func:`init_dist` -- under ``torchrun`` with ``WORLD_SIZE > 1`` the process group is initialised
   (nccl on CUDA, gloo on CPU); :class:`Dist` wraps the collectives the training loop needs.
 """

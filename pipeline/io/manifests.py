@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.core.schema import AUGMENTED_COLUMNS, AUGMENTED_SITE, MANIFEST_COLUMNS, PAIR_COLUMNS, SPLITS, ensure_columns
+from pipeline.core.schema import AUGMENTED_COLUMNS, MANIFEST_COLUMNS, PAIR_COLUMNS, SPLITS, ensure_columns
 from pipeline.errors import DataError
 from pipeline.labels import CLASSES
 
@@ -86,8 +86,6 @@ def read_augmented(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``(manifest, meta)`` of the augmented folder; ``meta["image_size"]`` is the images' side."""
     folder = Path(folder)
     df = read_parquet(folder / "manifest.parquet", "augment", AUGMENTED_COLUMNS)
-    if AUGMENTED_SITE not in df.columns:  # written before augment recorded the sites
-        df = df.assign(**{AUGMENTED_SITE: UNKNOWN_SITE})
     df = df.assign(image_id=df["image_id"].astype(str), split=df["split"].astype(str), path=df["path"].astype(str))
     meta_path = folder / AUGMENTED_META
     try:

@@ -150,7 +150,7 @@ class ExportMeta(BaseModel):
     # Optional (exports written before them load as: arg-max, no colour constancy, no TTA).
     decision: DecisionMeta = DecisionMeta()
     preprocess: PreprocessMeta = PreprocessMeta()
-    tta: Literal["none", "flips", "flips4"] = "none"
+    tta: Literal["none", "flips"] = "none"
     calibration: CalibrationMeta = CalibrationMeta()
 
     @field_validator("format")

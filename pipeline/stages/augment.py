@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.core.augment import copy_seed, plan_outputs, summarize
-from pipeline.core.schema import AUGMENTED_COLUMNS, AUGMENTED_SITE, SPLITS
+from pipeline.core.schema import AUGMENTED_COLUMNS, SPLITS
 from pipeline.errors import DataError, StorageError
 from pipeline.io.augment_writer import STORAGE, WriteTask, write_all
 from pipeline.io.files import atomic_dir
@@ -29,20 +29,11 @@ from pipeline.layout import Layout
 log = logging.getLogger(__name__)
 
 
-_OFF_DEFAULTS = {"color_constancy": "none", "sog_power": 6.0, "crop_scale_min": 1.0, "gamma": 0.0, "blur": 0.0,
-                 "blur_sigma": 1.0, "balance_sites": False, "hair": 0.0, "hair_max": 8}
-
-
 def augmented_digest(manifest: pd.DataFrame, cfg: Config) -> str:
     """What the written images are a pure function of: the source images' content and labels, the
     split, the seed and the augment settings (the train stage keys its checkpoints on it)."""
     rows = manifest[["image_id", "sha256", "label", "split"]].astype(str).sort_values("image_id").to_numpy().tolist()
     settings = cfg.augment.model_dump(mode="json", exclude={"workers"})  # workers change nothing written
-    # Knobs added later leave the digest of a config that keeps them at their "off" defaults
-    # unchanged (the images are bit-identical, so old checkpoints stay resumable).
-    for key, off in _OFF_DEFAULTS.items():
-        if settings.get(key) == off:
-            settings.pop(key)
     payload = {"seed": cfg.seed, "augment": settings, "rows": rows}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -73,7 +64,7 @@ def run_augment(cfg: Config) -> dict[str, Any]:
                 raise StorageError(storage[0] + (f" (and {len(storage) - 1} more)" if len(storage) > 1 else ""))
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise DataError(errors[0] + more)
-        out = plan[[*AUGMENTED_COLUMNS, AUGMENTED_SITE]].reset_index(drop=True)
+        out = plan[list(AUGMENTED_COLUMNS)].reset_index(drop=True)
         out.to_parquet(tmp / layout.augmented_manifest.name, index=False)
         meta = {"format": 1, "image_size": cfg.augment.image_size, "images": len(out),
                 "digest": augmented_digest(manifest, cfg)}

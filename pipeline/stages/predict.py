@@ -8,7 +8,7 @@
   (:func:`pipeline.io.images.list_images`).
 * The output CSV has exactly the columns ``image_id,label,akiec,bcc,bkl,df,mel,nv,vasc``:
   ``image_id`` is the file name without extension, the class columns are softmax probabilities
-  (sum 1; with the export's ``tta: flips`` the mean over 8 flip/transpose views, ``flips4`` over 4; then the
+  (sum 1; with the export's ``tta: flips`` the mean over 8 flip/transpose views; then the
   export's ``calibration``, when it has one), ``label`` is
   the class the export's decision rule picks (``predict.decision: rule``, the pyfunc's label;
   arg-max for exports without a rule) or plain arg-max (``predict.decision: argmax``). The rule
