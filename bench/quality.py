@@ -145,6 +145,36 @@ def _probs(model, x, ds, tta: str = "none") -> np.ndarray:
 
 SPLIT_MODES: tuple[str, ...] = ("random", "holdout")
 BASELINES: tuple[str, ...] = ("single_branch_ce", "mobilenet_v3_small")
+# The from-scratch recipe (the 227 k-parameter twin at 48 px; params-real.yaml before the pretrained
+# backbone, commit 5f3a1c1): --with-scratch runs it beside the params file's recipe, on the same
+# splits and test images, as these overrides of the params file.
+SCRATCH_RECIPE: dict[str, object] = {
+    "augment.image_size": 48,
+    "augment.copies": 1,
+    "augment.balance": True,
+    "augment.max_copies": 20,
+    "augment.balance_sites": True,
+    "augment.keep_original": True,
+    "augment.color_constancy": "shades_of_gray",
+    "pairs.epochs": 12,
+    "model.extractor": [[1, 16, 1, 1], [4, 24, 2, 2], [4, 32, 2, 2]],
+    "model.branch": [[4, 64, 2, 2], [4, 96, 2, 2]],
+    "model.split": None,
+    "model.output_stride": None,
+    "model.head_channels": 256,
+    "model.dropout": 0.1,
+    "loss.gamma": 1.0,
+    "loss.alpha": None,
+    "train.epochs": 12,
+    "train.batch_size": 64,
+    "train.lr": 0.004,
+    "train.warmup_epochs": 0,
+    "train.pretrained_lr": None,
+    "train.swa_start": 3,
+    "select.decision_rule": "prior",
+    "select.tta": "flips",
+    "select.calibration": "temperature_bias",
+}
 # --quick: a smoke run of every code path in minutes (not a measurement).
 QUICK_OVERRIDES: dict[str, object] = {
     "augment.image_size": 32,
@@ -494,7 +524,7 @@ def run_pipeline(cfg, rows: int | None) -> dict[str, float]:
 
 
 def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[str, ...], rows: int | None,
-              baselines: bool, on_model=None) -> dict:
+              baselines: tuple[str, ...] = BASELINES, on_model=None) -> dict:
     """One split: the twin through the pipeline, the baselines on the same augmented images; every
     model on the test split and the external set. ``on_model(run)`` gets the split's result so far
     after each model (the caller writes it, so a long run that is stopped keeps its finished models)."""
@@ -575,11 +605,20 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         x_va, x_te_b = apply_preprocess(x_va, exported.meta), apply_preprocess(x_te, exported.meta)
         ext_b = apply_preprocess(ext_x, exported.meta) if ext_x is not None else None
         ds = resolve_device(cfg.train)  # the twin's device and precision (train stage)
+        def single_branch():  # the twin's backbone as one branch, on the same pretrained weights if any
+            if cfg.model.backbone is None:
+                return build_inference(cfg.model)
+            from pipeline.io.pretrained import load_lite0_weights
+
+            return build_inference(cfg.model, pretrained=load_lite0_weights(include_classifier=False).state_dict)
+
         makers = {
-            "single_branch_ce": lambda: build_inference(cfg.model),
+            "single_branch_ce": single_branch,
             "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=len(CLASSES)),
         }
         for name, make in makers.items():
+            if name not in baselines:
+                continue
             print(f"[quality] baseline {name} ...", flush=True)
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
@@ -646,13 +685,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=str(ROOT / "bench" / "results" / "quality"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
-    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--skip-baselines", action="store_true", help="the twin alone (same as --baselines '')")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="comma list of: " + ", ".join(BASELINES))
+    ap.add_argument("--with-scratch", action="store_true",
+                    help="also run the from-scratch recipe (SCRATCH_RECIPE over --params) on every split")
     ns = ap.parse_args(argv)
     data = Path(ns.data)
     if not (data / "HAM10000_metadata.csv").is_file():
         print(f"skip: {data} has no HAM10000_metadata.csv (real data not available here)")
         return 0
     splits = [s.strip() for s in ns.splits.split(",") if s.strip()]
+    baselines = () if ns.skip_baselines else tuple(b.strip() for b in ns.baselines.split(",") if b.strip())
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        ap.error(f"--baselines: unknown {unknown}; known: {list(BASELINES)}")
     holdout = [s.strip() for s in ns.holdout.split(",") if s.strip()]
     for s in splits:
         split_overrides(s, holdout)  # unknown split names fail before any work
@@ -675,30 +721,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     quick = dict(QUICK_OVERRIDES)
-    if ns.quick and load_config(ns.params).train.swa_start is not None:
-        quick["train.swa_start"] = 1  # the recipe's weight averaging, from the first of the few quick epochs
     runs, overrides_used = [], {}
+    recipes = [("", {})] + ([("scratch:", SCRATCH_RECIPE)] if ns.with_scratch else [])
     for train_name, extra in train_sets:
         for split in splits:
-            overrides = dict(BENCH_RUN_OVERRIDES)
-            if ns.quick:
-                overrides.update(quick)
-            overrides.update(data_overrides(data, extra))
-            overrides.update(split_overrides(split, holdout))
-            overrides["paths.work_dir"] = str(Path(ns.work) / f"{train_name}-{split}")
-            overrides.update(dict(parse_override(o) for o in ns.overrides))
-            cfg = load_config(ns.params, overrides)
-            print(f"[quality] === split {split}, training data {train_name} ===", flush=True)
-            overrides_used = {k: v for k, v in overrides.items() if not k.startswith(("paths.", "data."))}
+            for prefix, recipe in recipes:
+                overrides = dict(BENCH_RUN_OVERRIDES)
+                overrides.update(recipe)
+                if ns.quick:
+                    overrides.update(quick)
+                    if load_config(ns.params, recipe).train.swa_start is not None:
+                        overrides["train.swa_start"] = 1  # the recipe's averaging, from the first quick epoch
+                overrides.update(data_overrides(data, extra))
+                overrides.update(split_overrides(split, holdout))
+                folder = f"{prefix.rstrip(':')}-" if prefix else ""
+                overrides["paths.work_dir"] = str(Path(ns.work) / f"{folder}{train_name}-{split}")
+                overrides.update(dict(parse_override(o) for o in ns.overrides))
+                cfg = load_config(ns.params, overrides)
+                print(f"[quality] === split {split}, training data {prefix}{train_name} ===", flush=True)
+                overrides_used = {k: v for k, v in overrides.items() if not k.startswith(("paths.", "data."))}
 
-            def partial(run: dict, used: dict = overrides_used) -> None:
-                write_results(ns, data, external, skip_reason, isic_skip, rows, used, [*runs, run])
+                def partial(run: dict, used: dict = overrides_used) -> None:
+                    write_results(ns, data, external, skip_reason, isic_skip, rows, used, [*runs, run])
 
-            runs.append(run_split(cfg, split=split, train_data=train_name, external=external,
-                                  extra_sites=("isic_archive",) if extra else (), rows=rows,
-                                  baselines=not ns.skip_baselines, on_model=partial))  # fmt: skip
-            dest = write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_used, runs)
-            print(f"[quality] results so far written to {dest}", flush=True)  # a long run keeps finished splits
+                runs.append(run_split(cfg, split=split, train_data=f"{prefix}{train_name}", external=external,
+                                      extra_sites=("isic_archive",) if extra else (), rows=rows,
+                                      baselines=baselines, on_model=partial))  # fmt: skip
+                dest = write_results(ns, data, external, skip_reason, isic_skip, rows, overrides_used, runs)
+                print(f"[quality] results so far written to {dest}", flush=True)  # a long run keeps finished splits
 
     print()
     print(format_tables(runs))

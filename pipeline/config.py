@@ -250,18 +250,59 @@ def _stage_rows(rows: list[tuple[int, int, int, int]]) -> list[tuple[int, int, i
     return rows
 
 
+BACKBONES: tuple[str, ...] = ("efficientnet_lite0",)  # pretrained extractors (pipeline.core.backbone)
+BACKBONE_HEAD_CHANNELS = 1280  # efficientnet_lite0's pretrained 1x1 head conv
+
+
 class ModelConfig(_Section):
     stem_channels: int = Field(16, ge=4, le=4096)
-    # Shared feature extractor: (expansion, out_channels, repeats, stride) per stage.
-    extractor: list[tuple[int, int, int, int]] = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2)]
-    # Each branch (own weights): same format, continuing from the extractor's output.
-    branch: list[tuple[int, int, int, int]] = [(4, 64, 2, 2), (4, 96, 2, 2)]
+    # Shared feature extractor: stage rows (expansion, out_channels, repeats, stride) of the
+    # from-scratch family, or the name of a pretrained backbone ("efficientnet_lite0": the ImageNet
+    # EfficientNet-Lite0 trunk shipped by a locked dependency, pipeline.core.backbone).
+    extractor: list[tuple[int, int, int, int]] | Literal["efficientnet_lite0"] = [
+        (1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2)
+    ]  # fmt: skip
+    # Each branch (own weights): stage rows continuing from the extractor's output (from scratch);
+    # null with a backbone, whose branches are each their own copy of its remaining stages.
+    branch: list[tuple[int, int, int, int]] | None = [(4, 64, 2, 2), (4, 96, 2, 2)]
+    # Backbone only (null from scratch): how many of its 7 stages the shared extractor holds (1..6) ...
+    split: int | None = Field(None, ge=1, le=6)
+    # ... and its output stride: 32 (ImageNet's network) or 16 (the last stride-2 stage at stride 1,
+    # dilated: a CAM map twice as fine, with the same weights).
+    output_stride: Literal[16, 32] | None = None
 
-    _rows = field_validator("extractor", "branch")(_stage_rows)
-    # 1x1 conv before GAP; this is the feature map used for CAM.
+    @field_validator("extractor", "branch")
+    @classmethod
+    def _rows(cls, v: Any) -> Any:
+        return _stage_rows(v) if isinstance(v, list) else v
+
+    # 1x1 conv before GAP; this is the feature map used for CAM (a backbone's own: 1280).
     head_channels: int = Field(256, ge=8, le=16384)
     discriminator_hidden: int = Field(128, ge=4, le=16384)
     dropout: float = Field(0.1, ge=0, lt=1)
+
+    @property
+    def backbone(self) -> str | None:
+        """The pretrained backbone's name, or ``None`` for the from-scratch family."""
+        return self.extractor if isinstance(self.extractor, str) else None
+
+    @model_validator(mode="after")
+    def _family(self) -> "ModelConfig":
+        if self.backbone is None:
+            if self.branch is None:
+                raise ValueError("branch: stage rows are required with extractor rows (null only with a backbone)")
+            for key in ("split", "output_stride"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only with a pretrained backbone (extractor: {BACKBONES[0]}); set it to null")
+            return self
+        if self.branch is not None:
+            raise ValueError(f"branch: must be null with extractor: {self.backbone} (each branch copies its remaining stages)")
+        if self.split is None or self.output_stride is None:
+            raise ValueError(f"split and output_stride: required with extractor: {self.backbone}")
+        if self.head_channels != BACKBONE_HEAD_CHANNELS:
+            raise ValueError(f"head_channels: {self.backbone}'s pretrained head has {BACKBONE_HEAD_CHANNELS}, "
+                             f"got {self.head_channels}")  # fmt: skip
+        return self
 
     def recorded(self) -> dict[str, Any]:
         """The section as checkpoints, training digests and export ``config.json`` record it."""
@@ -297,6 +338,9 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "constant", "onecycle"] = "cosine"
     # Linear warm-up before cosine / constant (onecycle has its own; refused there).
     warmup_epochs: int = Field(0, ge=0, le=10_000)
+    # Learning rate of a pretrained backbone's weights (model.extractor names one); the new layers
+    # (classifiers, discriminator) train at lr. null = lr for every weight.
+    pretrained_lr: float | None = Field(None, gt=0, le=10)
     # "auto" picks CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler).
@@ -454,6 +498,12 @@ class Config(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Config":
+        if self.train.pretrained_lr is not None and self.model.backbone is None:
+            raise ValueError("train.pretrained_lr: only with a pretrained backbone (model.extractor); set it to null")
+        return self
+
     @property
     def validate_cfg(self) -> ValidateConfig:
         return self.validate_
@@ -535,6 +585,8 @@ def _validate(raw: Any, source: str) -> Config:
             if sep and key.isidentifier() and isinstance(err.get("input"), dict) and key in err["input"]:
                 loc, msg = f"{loc}.{key}" if loc else key, rest
                 got = f" (got {err['input'][key]!r})"
+            elif not loc and sep and "." in key:  # a rule across sections names its dotted key
+                loc, msg, got = key, rest, ""
             lines.append(f"  {loc or '<root>'}: {msg}{got}")
         raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
 

@@ -35,6 +35,14 @@ Design choices, and how they relate to the patent:
   order-dependent rule, and the pair generator's positive pairs are built by a swap, i.e. they
   appear in both orders. ``|a-b|`` measures distance, ``a*b`` agreement of active channels.
   Output: 2 logits, index 1 = "same class".
+* **Two families, one structure.** From scratch (``model.extractor`` rows): the blocks above. On a
+  pretrained backbone (``model.extractor: efficientnet_lite0``, :mod:`pipeline.core.backbone`):
+  the ImageNet EfficientNet-Lite0 stem and first ``model.split`` stages are the shared extractor
+  (:class:`BackboneExtractor`); each branch starts as its own copy of the remaining pretrained
+  stages and the pretrained 1x1 head conv (1280 channels, BN, ReLU6: the CAM map), followed by GAP
+  and a new classifier. ``model.output_stride: 16`` runs Lite0's last stride-2 stage at stride 1
+  (dilated), so the CAM map is twice as fine with the same weights. Both families use ImageNet's
+  normalisation (:data:`pipeline.core.imaging.MEAN` / ``STD``, recorded in the export).
 * **Batch norm folded for inference** (:func:`fold_batch_norm`): in eval mode a BatchNorm2d after
   a conv is a fixed per-channel affine map, so it is merged into the conv's weight and a bias
   (and dropped from the block).
@@ -49,8 +57,9 @@ Design choices, and how they relate to the patent:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -151,17 +160,18 @@ class FeatureExtractor(nn.Module):
 
 
 class Branch(nn.Module):
-    """``cfg.branch`` stages + 1x1 head conv (the CAM feature map) + GAP + dropout + linear classifier."""
+    """``stages`` + ``head`` (the 1x1 conv whose output is the CAM feature map) + GAP + dropout +
+    linear classifier. From scratch: ``cfg.branch`` rows (:func:`_scratch_branch`); on a backbone:
+    its remaining stages and its 1x1 head conv (:func:`_backbone_branch`)."""
 
-    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int) -> None:
+    def __init__(self, stages: nn.Module, head: nn.Module, head_channels: int, num_classes: int, dropout: float) -> None:
         super().__init__()
-        self.stages, c = _stages(in_channels, cfg.branch)
-        self.head = _conv_bn(c, cfg.head_channels, 1)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.head_channels, num_classes)
-        self.head_channels = cfg.head_channels
+        self.stages = stages
+        self.head = head
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(head_channels, num_classes)
+        self.head_channels = head_channels
         self.num_classes = num_classes
-        _init_weights(self)
 
     def feature_map(self, f: Tensor) -> Tensor:
         """Extractor output -> last feature map (N, head_channels, h, w), non-negative."""
@@ -174,6 +184,48 @@ class Branch(nn.Module):
 
     def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
         return self.classify(self.feature_map(f))
+
+
+def _scratch_branch(cfg: ModelConfig, in_channels: int, num_classes: int) -> Branch:
+    assert cfg.branch is not None
+    stages, c = _stages(in_channels, cfg.branch)
+    branch = Branch(stages, _conv_bn(c, cfg.head_channels, 1), cfg.head_channels, num_classes, cfg.dropout)
+    _init_weights(branch)
+    return branch
+
+
+class BackboneExtractor(nn.Module):
+    """A pretrained backbone's stem and first ``model.split`` stages (the shared feature extractor)."""
+
+    def __init__(self, body: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def _backbone_parts(cfg: ModelConfig, pretrained: Mapping[str, Tensor] | None) -> Any:
+    """The backbone cut at ``cfg.split`` (:func:`pipeline.core.backbone.lite0_parts`), with the
+    ``pretrained`` weights (timm names, no classifier) loaded strictly when given; random otherwise
+    (a model rebuilt to load an export's weights)."""
+    from pipeline.core.backbone import build_lite0, lite0_parts
+
+    assert cfg.split is not None and cfg.output_stride is not None
+    net = build_lite0(num_classes=0, output_stride=cfg.output_stride)
+    if pretrained is not None:
+        net.load_state_dict(dict(pretrained), strict=True)
+    return lite0_parts(net, cfg.split)
+
+
+def _backbone_branch(parts: Any, num_classes: int, dropout: float) -> Branch:
+    """Its own copy of the backbone's remaining stages and head conv; a new classifier (N(0, 0.01))."""
+    body = copy.deepcopy(parts.branch)
+    branch = Branch(body.blocks, nn.Sequential(body.conv_head, body.bn2), parts.channels, num_classes, dropout)
+    nn.init.normal_(branch.classifier.weight, 0.0, 0.01)
+    nn.init.zeros_(branch.classifier.bias)
+    return branch
 
 
 class Discriminator(nn.Module):
@@ -211,16 +263,35 @@ class TwinOutput:
 
 
 class TwinNet(nn.Module):
-    """The joint training model: shared extractor, two branches with own weights, discriminator."""
+    """The joint training model: shared extractor, two branches with own weights, discriminator.
 
-    def __init__(self, cfg: ModelConfig, num_classes: int = 7) -> None:
+    ``pretrained``: the backbone's weights (timm names, :mod:`pipeline.io.pretrained`) when
+    ``cfg.extractor`` names one; the from-scratch family takes none."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 7, pretrained: Mapping[str, Tensor] | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
-        self.extractor = FeatureExtractor(cfg)
-        self.branches = nn.ModuleList([Branch(cfg, self.extractor.out_channels, num_classes) for _ in range(2)])
+        if cfg.backbone is None:
+            if pretrained is not None:
+                raise ValueError("pretrained weights need model.extractor to name a backbone")
+            self.extractor: nn.Module = FeatureExtractor(cfg)
+            branches = [_scratch_branch(cfg, self.extractor.out_channels, num_classes) for _ in range(2)]
+        else:
+            parts = _backbone_parts(cfg, pretrained)
+            self.extractor = BackboneExtractor(parts.extractor, parts.extractor_channels)
+            branches = [_backbone_branch(parts, num_classes, cfg.dropout) for _ in range(2)]
+        self.branches = nn.ModuleList(branches)
         self.discriminator = Discriminator(cfg.head_channels, cfg.discriminator_hidden, cfg.dropout)
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The weights that come from a pretrained backbone (extractor and the branches' stages and
+        head convs); empty from scratch. ``train.pretrained_lr`` applies to these."""
+        if not isinstance(self.extractor, BackboneExtractor):
+            return []
+        mods = [self.extractor, *(m for b in self.branches for m in (b.stages, b.head))]
+        return [p for m in mods for p in m.parameters()]
 
     def forward(self, x1: Tensor, x2: Tensor) -> TwinOutput:
         if x1.shape != x2.shape:
@@ -240,7 +311,7 @@ class InferenceModel(nn.Module):
     ``torch.jit.trace`` and exportable with ``torch.export`` / ONNX (dynamic batch).
     """
 
-    def __init__(self, extractor: FeatureExtractor, branch: Branch) -> None:
+    def __init__(self, extractor: nn.Module, branch: Branch) -> None:
         super().__init__()
         self.extractor = extractor
         self.branch = branch
@@ -263,9 +334,9 @@ class InferenceModel(nn.Module):
         return self.branch.classifier.weight
 
 
-def build_twin(cfg: ModelConfig, num_classes: int = 7) -> TwinNet:
-    """A freshly initialised twin network."""
-    return TwinNet(cfg, num_classes)
+def build_twin(cfg: ModelConfig, num_classes: int = 7, pretrained: Mapping[str, Tensor] | None = None) -> TwinNet:
+    """A freshly initialised twin network (on the ``pretrained`` backbone weights when given)."""
+    return TwinNet(cfg, num_classes, pretrained)
 
 
 def inference_model(twin: TwinNet, branch_index: int) -> InferenceModel:
@@ -276,10 +347,16 @@ def inference_model(twin: TwinNet, branch_index: int) -> InferenceModel:
     return model.train(twin.training)
 
 
-def build_inference(cfg: ModelConfig, num_classes: int = 7) -> InferenceModel:
-    """A fresh inference model with the same state-dict keys as :func:`inference_model` produces."""
-    extractor = FeatureExtractor(cfg)
-    return InferenceModel(extractor, Branch(cfg, extractor.out_channels, num_classes))
+def build_inference(cfg: ModelConfig, num_classes: int = 7, pretrained: Mapping[str, Tensor] | None = None) -> InferenceModel:
+    """A fresh inference model with the same state-dict keys as :func:`inference_model` produces
+    (randomly initialised, or on the ``pretrained`` backbone weights: the benchmark's single-branch
+    baseline)."""
+    if cfg.backbone is None:
+        extractor = FeatureExtractor(cfg)
+        return InferenceModel(extractor, _scratch_branch(cfg, extractor.out_channels, num_classes))
+    parts = _backbone_parts(cfg, pretrained)
+    return InferenceModel(BackboneExtractor(parts.extractor, parts.extractor_channels),
+                          _backbone_branch(parts, num_classes, cfg.dropout))  # fmt: skip
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:

@@ -44,4 +44,6 @@ def build_meta(best: dict[str, Any], selected: int, params_inference: int) -> di
         "preprocess": dict(best.get("preprocess") or {"color_constancy": "none", "sog_power": 6.0}),
         "tta": "none",
         "decision": {"rule": "argmax", "offsets": None},
+        # where a pretrained backbone's weights came from (package, file, sha256); absent from scratch
+        **({"pretrained": dict(best["pretrained"])} if best.get("pretrained") else {}),
     }

@@ -289,7 +289,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
+def param_groups(model: torch.nn.Module, tc: TrainConfig, pretrained: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: ``pretrained`` (a backbone's weights) at
+    ``train.pretrained_lr`` when set, every other parameter at ``train.lr``; one group otherwise."""
+    if tc.pretrained_lr is None or not pretrained:
+        return [{"params": list(model.parameters()), "lr": tc.lr}]
+    ids = {id(p) for p in pretrained}
+    return [{"params": list(pretrained), "lr": tc.pretrained_lr},
+            {"params": [p for p in model.parameters() if id(p) not in ids], "lr": tc.lr}]  # fmt: skip
+
+
 def build_optimizer(params: Any, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``params`` (parameters, or :func:`param_groups` with their own ``lr``)."""
     if tc.optimizer == "sgd":
         return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=True)
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -298,9 +309,11 @@ def build_optimizer(params: Any, tc: TrainConfig) -> torch.optim.Optimizer:
 def build_scheduler(
     opt: torch.optim.Optimizer, tc: TrainConfig, total_steps: int, warmup_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per optimizer step. ``onecycle`` uses torch's OneCycleLR (its own warmup)."""
+    """Stepped once per optimizer step; every group's own ``lr`` is scaled alike. ``onecycle`` uses
+    torch's OneCycleLR (its own warmup) up to each group's ``lr``."""
     if tc.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=max(1, total_steps))
+        peaks = [float(g["lr"]) for g in opt.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=max(1, total_steps))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup_steps, tc.schedule))
 
 

@@ -145,9 +145,13 @@ def load_best(path: str | Path) -> dict[str, Any]:
     return best
 
 
-def best_payload(best: dict[str, Any], cfg: Config, data: TrainData, counts: dict[str, int], digest: str) -> dict[str, Any]:
+def best_payload(
+    best: dict[str, Any], cfg: Config, data: TrainData, counts: dict[str, int], digest: str,
+    pretrained: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """``best.pt`` of the lowest-loss state ``best``: only tensors and plain values, so
-    ``torch.load(weights_only=True)`` reads it."""
+    ``torch.load(weights_only=True)`` reads it. ``pretrained``: where a backbone's weights came
+    from (:meth:`pipeline.io.pretrained.PretrainedWeights.lineage`), carried into the export."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": best["state"],
@@ -165,7 +169,9 @@ def best_payload(best: dict[str, Any], cfg: Config, data: TrainData, counts: dic
         "train_digest": digest,
         "config_digest": cfg.digest(),
         **({"preprocess": dict(data.preprocess)} if data.preprocess.get("color_constancy", "none") != "none" else {}),
+        **({"pretrained": dict(pretrained)} if pretrained else {}),
     }
+
 
 def last_payload(
     digest: str, epoch: int, parts: dict[str, Any], rng: list[dict[str, Any]], history: list[dict[str, float]],

@@ -63,6 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.config import ModelConfig
 from pipeline.core.calibration import A_MAX, A_MIN
+from pipeline.core.imaging import MEAN, STD
 from pipeline.core.inference import inference_ready
 from pipeline.core.model import build_inference
 from pipeline.core.selection import EXPORT_FORMAT
@@ -152,6 +153,15 @@ class ExportMeta(BaseModel):
     preprocess: PreprocessMeta = PreprocessMeta()
     tta: Literal["none", "flips"] = "none"
     calibration: CalibrationMeta = CalibrationMeta()
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _normalisation(cls, v: list[float], info: Any) -> list[float]:
+        # every inference path normalises with pipeline.core.imaging.MEAN / STD (ImageNet's, both families)
+        want = list(MEAN if info.field_name == "mean" else STD)
+        if any(abs(a - b) > 1e-6 for a, b in zip(v, want, strict=True)):
+            raise ValueError(f"normalisation {v} is not the {want} this release applies (re-export the model)")
+        return v
 
     @field_validator("format")
     @classmethod

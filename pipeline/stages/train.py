@@ -48,6 +48,7 @@ from pipeline.core.training import (
     WeightAverage,
     build_optimizer,
     build_scheduler,
+    param_groups,
     cpu_state,
     epoch_batches,
     flip_transform,
@@ -61,6 +62,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import checkpoints
 from pipeline.io.compute import Dist, init_dist, resolve_device
 from pipeline.io.files import remove_stale_temps, write_json, write_table
+from pipeline.io.pretrained import load_lite0_weights
 from pipeline.io.threads import use_cpu_threads
 from pipeline.io.train_data import load_train_data
 from pipeline.labels import NUM_CLASSES
@@ -109,15 +111,19 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     data = load_train_data(cfg, dist.rank, dist.barrier if dist.enabled else None)
     digest = train_digest(cfg, data, dist.world)
 
+    weights = load_lite0_weights(include_classifier=False) if cfg.model.backbone is not None else None
     seed_everything(cfg.seed)
-    twin = build_twin(cfg.model, NUM_CLASSES)
+    twin = build_twin(cfg.model, NUM_CLASSES, None if weights is None else weights.state_dict)
     counts = {"params_train": count_parameters(twin), "params_inference": count_parameters(inference_model(twin, 0))}
+    lineage = None if weights is None else weights.lineage()
+    if weights is not None:
+        log.info("pretrained %s from %s (sha256 %s)", cfg.model.backbone, weights.source, weights.sha256[:16])
     twin.to(ds.device)
     if ds.channels_last:
         twin.to(memory_format=torch.channels_last)
     alpha_vals = class_alpha(cfg.loss.alpha, data.class_counts)
     alpha = None if alpha_vals is None else torch.as_tensor(alpha_vals, dtype=torch.float32, device=ds.device)
-    opt = build_optimizer(twin.parameters(), tc)
+    opt = build_optimizer(param_groups(twin, tc, twin.pretrained_parameters()), tc)
     steps = [len(epoch_batches(data, e, tc.batch_size, cfg.seed, dist.rank, dist.world)[1]) for e in range(tc.epochs)]
     sched = build_scheduler(opt, tc, sum(steps), sum(steps[: tc.warmup_epochs]))
     scaler = torch.amp.GradScaler("cuda", enabled=ds.grad_scaler)
@@ -186,7 +192,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
                 row["val_loss_discriminator"], row["val_loss_total"], " *best*" if improved else "", row["seconds"],
             )  # fmt: skip
             if improved:
-                checkpoints.save(best_path, checkpoints.best_payload(best, cfg, data, counts, digest))
+                checkpoints.save(best_path, checkpoints.best_payload(best, cfg, data, counts, digest, lineage))
             states = {k: cpu_state(v) if isinstance(v, torch.nn.Module) else v.state_dict() for k, v in parts.items()}
             states["scaler"] = states["scaler"] if ds.grad_scaler else None
             checkpoints.save(last_path, checkpoints.last_payload(digest, epoch, states, rng_states, history, best))
@@ -206,7 +212,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
     }  # fmt: skip
     if dist.is_main:
         if not best_path.is_file():  # resumed a finished run whose best.pt went missing
-            checkpoints.save(best_path, checkpoints.best_payload(best, cfg, data, counts, digest))
+            checkpoints.save(best_path, checkpoints.best_payload(best, cfg, data, counts, digest, lineage))
         _write_history(layout.train_dir, history)
         write_json(
             layout.train_dir / "best.json",
