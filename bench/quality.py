@@ -119,6 +119,15 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     return model.eval(), [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in history]
 
 
+def _latency(cfg) -> float:
+    """CPU batch-1 milliseconds per image of ``cfg``'s model through the whole predict path (colour
+    constancy, TTA, calibration, decision rule; :func:`throughput.bench_pipeline_infer`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import bench_pipeline_infer
+
+    return round(bench_pipeline_infer(cfg, "cpu", iters=30, warmup=5)["ms_per_image"], 2)
+
+
 def _logits(model, x, ds):
     """float32 logits of ``model`` (eval mode) on uint8 images ``x`` (N, 3, S, S), 256 at a time, on ``ds``."""
     import torch
@@ -440,13 +449,21 @@ def format_intervals(runs: list[dict]) -> list[str]:
     return lines
 
 
+def min_recall(confusion: list[list[int]]) -> float | None:
+    """The lowest recall over the classes present in a confusion matrix (rows true, columns predicted)."""
+    cm = np.asarray(confusion, dtype=float)
+    rows = cm.sum(axis=1)
+    present = rows > 0
+    return float((np.diag(cm)[present] / rows[present]).min()) if present.any() else None
+
+
 def format_tables(runs: list[dict]) -> str:
     """The stdout report of :func:`run_split` results: headline table, per-source table, confusion
     matrices (rows true class, columns predicted, class order as in pipeline.labels)."""
     from pipeline.labels import CLASSES
 
     header = (f"{'split':<9} {'train data':<13} {'model':<19} {'BA':>6} {'acc':>6} {'mAUC':>6} {'ECE':>6} "
-              f"{'HAM BA':>6} {'ext BA':>6} {'ext acc':>7} {'ext mAUC':>8} {'params':>9} {'sec':>6}")  # fmt: skip
+              f"{'minrec':>6} {'HAM BA':>6} {'ext BA':>6} {'ext acc':>7} {'ext mAUC':>8} {'params':>9} {'sec':>6}")  # fmt: skip
     lines = [header]
     for run in runs:
         for name, r in run["models"].items():
@@ -454,7 +471,8 @@ def format_tables(runs: list[dict]) -> str:
             ham = r["test"].get("ham_only", {}).get("balanced_accuracy")
             lines.append(
                 f"{run['split']:<9} {run['train_data']:<13} {name:<19} {_f(o['balanced_accuracy'])} {_f(o['accuracy'])} "
-                f"{_f(o['macro_auc'])} {_f(o['ece'])} {_f(ham)} {_f(ext.get('balanced_accuracy'))} "
+                f"{_f(o['macro_auc'])} {_f(o['ece'])} {_f(min_recall(o['confusion_matrix']))} {_f(ham)} "
+                f"{_f(ext.get('balanced_accuracy'))} "
                 f"{_f(ext.get('accuracy'), 7)} {_f(ext.get('macro_auc'), 8)} {r['params_inference']:>9,} "
                 f"{r['seconds']:>6.0f}"
             )
@@ -588,6 +606,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         "params_inference": metrics["params_inference"], "params_train": metrics["params_train"],
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
         "device": best["device"], "best_epoch": best["epoch"], "calibration": exported.meta.get("calibration"),
+        "train_minutes": round(times["train"] / 60, 1), "predict_ms_b1": _latency(cfg),
         # every epoch's losses and seconds: a run stopped later still says how its twin trained
         "history": json.loads((layout.train_dir / "history.json").read_text()),
     }}  # fmt: skip
@@ -690,15 +709,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-scratch", action="store_true",
                     help="also run the from-scratch recipe (SCRATCH_RECIPE over --params) on every split")
     ns = ap.parse_args(argv)
+    baselines = () if ns.skip_baselines else tuple(b.strip() for b in ns.baselines.split(",") if b.strip())
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        ap.error(f"--baselines: unknown {unknown}; known: {list(BASELINES)}")
     data = Path(ns.data)
     if not (data / "HAM10000_metadata.csv").is_file():
         print(f"skip: {data} has no HAM10000_metadata.csv (real data not available here)")
         return 0
     splits = [s.strip() for s in ns.splits.split(",") if s.strip()]
-    baselines = () if ns.skip_baselines else tuple(b.strip() for b in ns.baselines.split(",") if b.strip())
-    unknown = sorted(set(baselines) - set(BASELINES))
-    if unknown:
-        ap.error(f"--baselines: unknown {unknown}; known: {list(BASELINES)}")
     holdout = [s.strip() for s in ns.holdout.split(",") if s.strip()]
     for s in splits:
         split_overrides(s, holdout)  # unknown split names fail before any work

@@ -399,3 +399,10 @@ def test_baselines_are_scored_with_the_twins_test_time_views():
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(quality._probs(model, x, ds), plain, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, plain, atol=1e-4)  # the model is not flip-invariant: the views matter
+
+
+def test_min_recall_is_the_worst_present_class_and_baselines_are_checked(capsys):
+    assert quality.min_recall([[3, 1, 0], [0, 0, 0], [1, 1, 2]]) == 0.5  # class 1 absent from the test set
+    assert quality.min_recall([[0, 0], [0, 0]]) is None
+    with pytest.raises(SystemExit):
+        quality.main(["--baselines", "resnet", "--data", str(ROOT / "nowhere"), "--splits", "holdout"])
