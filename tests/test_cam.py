@@ -64,8 +64,7 @@ def test_cam_peaks_in_the_evidence_quadrant() -> None:
 
 def _red_detector_model() -> InferenceModel:
     """A hand-built inference model whose head channel 0 fires on red, and class 2 reads channel 0."""
-    cfg = ModelConfig(stem_channels=8, extractor=[], branch=[], head_channels=8, discriminator_hidden=4, dropout=0.0)
-    branch = Branch(cfg, 3, 4)
+    branch = Branch(nn.Identity(), nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6()), 8, 4, 0.0)
     conv, bn = branch.head[0], branch.head[1]
     assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
     with torch.no_grad():

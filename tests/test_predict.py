@@ -141,8 +141,51 @@ def test_registry_uri_and_cams(tmp_path: Path, export_dir: Path, monkeypatch: py
     assert summary["images"] == len(files)
     pngs = sorted(p.stem for p in cams.glob("*.png"))
     assert pngs == sorted(p.stem for p in files.values())
-    with Image.open(cams / "rgb.png") as im:
-        assert im.size[0] >= 32 and im.mode in ("RGB", "RGBA")
+    assert sorted(p.name.removesuffix(".cam.npy") for p in cams.glob("*.cam.npy")) == pngs
+    # drawn on the original picture at its own size: plain | overlay side by side under a caption
+    for stem, (h, w) in {"rgb": (45, 60), "big": (300, 500), "rgba": (33, 31), "gray": (20, 20)}.items():
+        cam = np.load(cams / f"{stem}.cam.npy")
+        assert cam.shape == (h, w) and cam.dtype == np.float32 and 0 <= cam.min() and cam.max() <= 1
+        with Image.open(cams / f"{stem}.png") as im:
+            assert im.mode == "RGB" and im.size[0] >= 2 * w and im.size[1] > h
+            panel = np.asarray(im)
+        with Image.open(files[stem]) as src:
+            from pipeline.core.imaging import to_rgb
+
+            original = np.asarray(to_rgb(src))
+        band = panel.shape[0] - h
+        np.testing.assert_array_equal(panel[band:, :w], original)
+
+
+def test_cam_follows_exif_orientation(tmp_path: Path, export_dir: Path) -> None:
+    """A JPEG stored 40 x 60 (h x w) with EXIF orientation 6 is displayed 60 x 40: the map has the
+    displayed shape, row 0 at the top of the picture as displayed, and is the map of that picture."""
+    from pipeline.core.imaging import resize_square
+    from pipeline.core.inference import cam_of
+    from pipeline.io.images import load_rgb
+    from pipeline.io.modelstore import load_exported
+    from pipeline.stages.predict import run_predict
+
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    stored[:10, :15] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    folder = tmp_path / "exif"
+    folder.mkdir()
+    Image.fromarray(stored).save(folder / "turned.jpg", exif=exif.tobytes(), quality=95)
+    cams = tmp_path / "cams"
+    run_predict(tiny_cfg(tmp_path), str(export_dir), str(folder), str(tmp_path / "p.csv"), str(cams))
+    cam = np.load(cams / "turned.cam.npy")
+    shown = load_rgb(folder / "turned.jpg")
+    assert shown.size == (40, 60) and cam.shape == (60, 40)
+    exported = load_exported(export_dir)
+    x = np.asarray(resize_square(shown, exported.image_size), dtype=np.uint8).transpose(2, 0, 1)
+    label = int(pd.read_csv(tmp_path / "p.csv")["label"].map(CLASSES.index).iloc[0])
+    expected, _, _ = cam_of(exported, x, label, (60, 40))
+    np.testing.assert_allclose(cam, expected, atol=1e-6)
+    with Image.open(cams / "turned.png") as im:
+        assert im.size[1] > 60 and im.size[0] >= 80
 
 
 def test_serving_threads_travel_with_the_logged_model_and_set_the_loading_process(

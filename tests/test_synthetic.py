@@ -159,3 +159,32 @@ def test_generation_is_fast_enough():
         encode_jpeg(generate_image(0, item, 128)[0], 92)
     per_image = (time.perf_counter() - start) / 42
     assert per_image < 0.1, f"{per_image * 1000:.0f} ms per 128px image"
+
+
+def test_lesion_masks_written_beside_the_images(small_set, tmp_path):
+    from pipeline.core.synthetic import MASK_SUFFIX, MASKS_DIR, generate_mask
+    from pipeline.io.readers import read_ham10000
+
+    target, meta = small_set
+    masks = sorted(p.name for p in (target / MASKS_DIR).iterdir())
+    assert masks == sorted(f"{i}{MASK_SUFFIX}" for i in meta["image_id"])
+    assert "masks/<image_id>_segmentation.png" in (target / "README.txt").read_text(encoding="utf-8")
+    items = {it.image_id: it for it in plan(SMALL)}
+    for image_id in meta["image_id"]:
+        with Image.open(target / MASKS_DIR / f"{image_id}{MASK_SUFFIX}") as im:
+            assert im.mode == "L" and im.size == (48, 48)
+            mask = np.asarray(im)
+        assert set(np.unique(mask)) <= {0, 255} and 0 < (mask == 255).mean() < 0.9
+        np.testing.assert_array_equal(mask, generate_mask(42, items[image_id], 48))
+        # the mask is where the lesion is: its colour differs from the skin around it
+        img = np.asarray(Image.open(target / "images" / f"{image_id}.jpg"), dtype=np.float64)
+        inside, outside = img[mask == 255].mean(axis=0), img[mask == 0].mean(axis=0)
+        assert np.abs(inside - outside).max() > 4, image_id
+    # deterministic by seed, like the images
+    write_dataset(tmp_path / "again", SMALL, seed=42)
+    for name in masks:
+        assert (tmp_path / "again" / MASKS_DIR / name).read_bytes() == (target / MASKS_DIR / name).read_bytes()
+    # the ham10000 reader still finds exactly the images (a mask's stem is not an image id)
+    table = read_ham10000(target)
+    assert sorted(table["image_id"]) == sorted(meta["image_id"])
+    assert table["path"].str.startswith("images/").all()

@@ -186,10 +186,13 @@ def probabilities_frame(
     return df
 
 
-def cam_of(exported: Model, image_chw: np.ndarray, class_idx: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
-    """CAM (H, W) in [0, 1] of one uint8 (3, H, W) image at the model size (after the export's
+def cam_of(
+    exported: Model, image_chw: np.ndarray, class_idx: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """CAM in [0, 1] of one uint8 (3, H, W) image at the model size (after the export's
     colour constancy, without test-time augmentation), the class it shows and the single-view
     softmax, uncalibrated (patent S4). ``class_idx`` None: the single view's arg-max class; callers pass
-    the label :func:`predicted_labels` chose so the map explains the reported label."""
+    the label :func:`predicted_labels` chose so the map explains the reported label. The map is
+    (H, W), or ``size`` = (height, width): the original picture's size, undoing the square resize."""
     x = to_model_input(torch.from_numpy(apply_preprocess(np.array(image_chw[None]), exported.meta)))
-    return cam_for(exported.model, x, class_idx)
+    return cam_for(exported.model, x, class_idx, size)

@@ -97,12 +97,15 @@ def history_png(history: pd.DataFrame) -> bytes | None:
 
 
 def grid_png(tiles: list[tuple[np.ndarray, str]]) -> bytes:
-    """Images with titles in a grid of up to 6 columns (the CAM sample sheet)."""
+    """Images with titles in a grid (the CAM sample sheet): up to 6 columns of square tiles, fewer
+    of wider ones (e.g. the side-by-side CAM pictures: 3 columns, each tile as wide as its aspect)."""
     plt = _pyplot()
     n = max(1, len(tiles))
-    cols = min(6, n)
+    aspect = max((img.shape[1] / max(1, img.shape[0]) for img, _ in tiles), default=1.0)
+    aspect = float(min(max(aspect, 1.0), 3.0))
+    cols = min(max(1, int(6 // aspect)), n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * aspect * cols, 2.3 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (img, title) in zip(axes.ravel(), tiles, strict=False):
@@ -110,6 +113,6 @@ def grid_png(tiles: list[tuple[np.ndarray, str]]) -> bytes:
         ax.set_title(title, fontsize=7)
     if not tiles:
         axes[0, 0].text(0.5, 0.5, "no CAM samples", ha="center", va="center")
-    fig.suptitle("CAM (true -> predicted (confidence))", fontsize=9)
+    fig.suptitle("CAM samples (title: the true class; caption: predicted, probability, class of the map)", fontsize=9)
     fig.tight_layout()
     return _png(fig, 100)

@@ -38,8 +38,13 @@ which ids exist (ids are numbered in class order) but not what ``(class, lesion,
 
 Output, in the HAM10000 layout (so the ``ham10000`` reader ingests it), written as one folder
 atomically: ``HAM10000_metadata.csv`` (``lesion_id,image_id,dx,dx_type,age,sex,localization,
-dataset`` with ``dx_type = dataset = synthetic``), ``images/SYN_0000001.jpg`` ..., and a
-``README.txt`` stating that the images are synthetic.
+dataset`` with ``dx_type = dataset = synthetic``), ``images/SYN_0000001.jpg`` ..., the lesion
+masks ``masks/SYN_0000001_segmentation.png`` ... (the ISIC segmentation naming; uint8 grey PNG,
+0 = skin, 255 = lesion, the image's size and pixel grid, from :func:`lesion_mask`; deterministic
+by seed like the images; the ``_segmentation`` suffix keeps the mask's file stem from colliding
+with the image id when the ``ham10000`` reader indexes the folder), and a ``README.txt`` stating
+that the images are synthetic. The masks are the ground truth of "where the lesion is", used to
+check that class activation maps point at it (:func:`pipeline.core.cam.pointing_hit`).
 
 This module is pure (it returns arrays, JPEG bytes and tables); the ``synthesize`` stage
 (:mod:`pipeline.stages.synthesize`) writes them. The pipeline runs that stage only when
@@ -62,6 +67,8 @@ from pipeline.config import SyntheticConfig
 from pipeline.labels import CLASS_TO_INDEX, CLASSES
 
 METADATA_NAME = "HAM10000_metadata.csv"
+MASKS_DIR = "masks"  # lesion masks: <MASKS_DIR>/<image_id><MASK_SUFFIX>
+MASK_SUFFIX = "_segmentation.png"
 README_NAME = "README.txt"
 README_MARKER = "SYNTHETIC DATA"
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset")
@@ -462,8 +469,12 @@ def sample_view(seed: int, cls: str, lesion: int, view: int) -> View:
 
 
 # ----------------------------------------------------------------------------- rendering
-def render(lesion: Lesion, view: View, size: int) -> np.ndarray:
-    """One image as uint8 (size, size, 3)."""
+def _geometry(
+    lesion: Lesion, view: View, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel grid ``xx, yy`` (image coordinates in [-1, 1]), lesion coordinates ``u, v``, relative
+    radius ``q`` and the signed inside-ness ``inside`` (> 0 inside the outline, in border-softness
+    units) of one view: what :func:`render` paints with and :func:`lesion_mask` thresholds."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     yy, xx = np.meshgrid(c, c, indexing="ij")
     # lesion coordinates: translate, rotate, scale, then normalise by the lesion radius
@@ -482,6 +493,12 @@ def render(lesion: Lesion, view: View, size: int) -> np.ndarray:
     inside = (outline - rho) / lesion.edge
     if lesion.border_noise is not None:
         inside = inside - lesion.border_patchiness * np.maximum(lesion.border_noise(u, v), 0) / lesion.edge * q
+    return xx, yy, u, v, q, inside
+
+
+def render(lesion: Lesion, view: View, size: int) -> np.ndarray:
+    """One image as uint8 (size, size, 3)."""
+    xx, yy, u, v, q, inside = _geometry(lesion, view, size)
     mask = _sigmoid(inside) * lesion.opacity
 
     colour = np.empty((size, size, 3), dtype=np.float32)
@@ -509,6 +526,18 @@ def render(lesion: Lesion, view: View, size: int) -> np.ndarray:
     img = img * light[..., None] * np.asarray(view.cast, dtype=np.float32)
     img += rng.normal(0.0, view.noise_sigma, img.shape).astype(np.float32)
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def lesion_mask(lesion: Lesion, view: View, size: int) -> np.ndarray:
+    """Where :func:`render` draws the lesion: uint8 (size, size), 255 inside, 0 outside.
+
+    A pixel is inside where the lesion's soft outline has weight >= 1/2 (``sigmoid(inside) >=
+    0.5``, i.e. the outline itself, border irregularity and akiec's eaten border included; the
+    soft border's outer half, hairs and the vignette are not). Same pixel grid as the image: row 0
+    is the top row of the picture, column 0 the left column.
+    """
+    inside = _geometry(lesion, view, size)[5]
+    return np.where(inside >= 0, 255, 0).astype(np.uint8)
 
 
 def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
@@ -550,6 +579,13 @@ def generate_image(seed: int, item: PlannedImage, size: int) -> tuple[np.ndarray
     return render(lesion, sample_view(seed, item.cls, item.lesion, item.view), size), lesion
 
 
+def generate_mask(seed: int, item: PlannedImage, size: int) -> np.ndarray:
+    """The lesion mask (:func:`lesion_mask`) of the image :func:`generate_image` makes for ``item``:
+    uint8 (size, size), 0/255, a pure function of ``(seed, item)`` like the image."""
+    lesion = sample_lesion(seed, item.cls, item.lesion)
+    return lesion_mask(lesion, sample_view(seed, item.cls, item.lesion, item.view), size)
+
+
 def readme_text(cfg: SyntheticConfig, seed: int, n_images: int) -> str:
     return f"""{README_MARKER} - NOT REAL PATIENTS
 
@@ -566,6 +602,10 @@ tone; each view adds rotation, scale, position, illumination, vignette, hairs an
 saved as JPEG (quality {cfg.jpeg_quality}). Metadata follows the HAM10000 layout; dx_type is
 "synthetic", dataset is "synthetic" (or synthetic_1 .. synthetic_<sites> with synthetic.sites > 1),
 age/sex/localization are random.
+
+Lesion masks: masks/<image_id>_segmentation.png, one per image: 8-bit greyscale PNG of the
+image's size, 255 where the lesion is drawn (its outline), 0 on skin; row 0 is the top row of the
+image. They are the ground truth for checking where class activation maps point.
 
 Parameters: seed={seed}, image_size={cfg.image_size}, images_per_lesion={cfg.images_per_lesion},
 images={n_images}, per class={class_counts(cfg)}.

@@ -67,3 +67,17 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     Image.fromarray(np.asarray(image, dtype=np.uint8), mode="RGB").save(path, format="PNG")
     return path
 
+
+
+def save_mask_png(path: str | Path, mask: np.ndarray) -> Path:
+    """Write a uint8 (H, W) mask (0/255) as an 8-bit greyscale PNG (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(path, format="PNG")
+    return path
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A lesion mask PNG -> bool (H, W), True where the pixel is > 127."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"), dtype=np.uint8) > 127

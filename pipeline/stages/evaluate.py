@@ -22,10 +22,14 @@ Writes
   resamples of the test images (seeded by ``seed``; :func:`pipeline.core.metrics.bootstrap_intervals`),
   under the export's decision rule; the same with the level and resamples in ``metrics_detail.json``
   (``overall.intervals``). They say how much the figure depends on which test images were drawn.
-* ``reports/cam/``: up to ``evaluate.cam_per_class`` CAM overlays per class for correct and for
+* ``reports/cam/``: up to ``evaluate.cam_per_class`` CAM pictures per class for correct and for
   wrong predictions, ``<cls>_<correct|wrong>_<image_id>.png``, and ``grid.png`` with all of them:
   per true class the most confident correct and the most confident wrong predictions
-  (:func:`pipeline.core.evaluation.select_cam_samples`).
+  (:func:`pipeline.core.evaluation.select_cam_samples`). Each is drawn like ``predict --cam-dir``
+  (:func:`pipeline.io.overlays.explanation_panel`): the original picture the test image was resized
+  from (the validated manifest's path of its ``source_id`` below the data root, at its own
+  resolution) beside it with the map, captioned with the reported label, its probability and the
+  class the map is for; where that file is not available, the stored (square) test image.
 * ``reports/predictions_test.csv``: ``image_id, label, predicted, correct`` and one probability
   column per class.
 
@@ -47,7 +51,6 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.core.cam import overlay
 from pipeline.core.evaluation import flat_metrics, interval_flat_metrics, predictions_frame, select_cam_samples
 from pipeline.core.inference import Model, cam_of, predicted_labels
 from pipeline.core.metrics import bootstrap_intervals, confusion_matrix
@@ -57,7 +60,9 @@ from pipeline.errors import PipelineError
 from pipeline.io.files import atomic_dir, write_json, write_table
 from pipeline.io.manifests import read_parquet, split_rows
 from pipeline.io.modelstore import load_exported
-from pipeline.io.overlays import save_overlay_png
+from pipeline.io.explain import load_original, original_paths
+from pipeline.io.images import save_png
+from pipeline.io.overlays import caption, explanation_panel
 from pipeline.io.scoring import label_index, load_images, score_model
 from pipeline.io.site_metrics import write_site_metrics
 from pipeline.labels import CLASSES
@@ -76,20 +81,24 @@ def write_cam_samples(
     folder: Path,
     alpha: float,
     y_pred: np.ndarray | None = None,
+    originals: Sequence[Path | None] | None = None,
 ) -> list[str]:
-    """CAM overlays of the selected samples + ``grid.png`` into ``folder``; returns file names.
-    The map is of the reported label (``y_pred``, default arg-max), drawn over the stored image."""
+    """CAM pictures of the selected samples + ``grid.png`` into ``folder``; returns file names.
+    The map is of the reported label (``y_pred``, default arg-max), computed on the stored image
+    and drawn on its original (``originals``: the source file per row, ``None`` = the stored image)."""
     tiles: list[tuple[np.ndarray, str]] = []
     names: list[str] = []
     y_pred = probs.argmax(axis=1) if y_pred is None else y_pred
     for c, kind, row in select_cam_samples(y_true, probs, per_class, y_pred):
-        img = np.ascontiguousarray(images[row].transpose(1, 2, 0))
+        original = load_original(originals[row]) if originals is not None else None
+        img = original if original is not None else np.ascontiguousarray(images[row].transpose(1, 2, 0))
         pred = int(y_pred[row])
-        cam, _, _ = cam_of(exported, images[row], pred)
+        cam, _, _ = cam_of(exported, images[row], pred, img.shape[:2])
         name = f"{CLASSES[c]}_{kind}_{ids[row]}.png"
-        save_overlay_png(folder / name, img, cam, alpha)
+        panel = explanation_panel(img, cam, alpha, caption(CLASSES[pred], float(probs[row, pred]), CLASSES[pred]))
+        save_png(folder / name, panel)
         names.append(name)
-        tiles.append((overlay(img, cam, alpha), f"{CLASSES[c]} -> {CLASSES[pred]} ({float(probs[row, pred]):.2f})"))
+        tiles.append((panel, f"true {CLASSES[c]}"))
     (folder / "grid.png").write_bytes(grid_png(tiles))
     return names
 
@@ -119,7 +128,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     ev = cfg.evaluate
     with atomic_dir(layout.cam_dir) as tmp:
         cam_files = write_cam_samples(exported, images, ids, y_true, probs, ev.cam_per_class, tmp, cfg.cam.alpha,
-                                       y_pred)
+                                       y_pred, original_paths(test, cfg))
 
     write_table(layout.predictions, predictions_frame(ids, y_true, y_pred, probs))
 

@@ -18,7 +18,15 @@
   through the network at once, on ``predict.cpu_threads`` torch threads (0: torch's default).
 * An unreadable file is reported by name (log and stderr) and skipped; the stage fails
   (:class:`~pipeline.errors.DataError`) only when no image could be read.
-* ``cam_dir``: a CAM overlay PNG per image (``<image_id>.png``, the reported label, patent S4).
+* ``cam_dir``: per image, for its reported label (patent S4):
+
+  - ``<image_id>.png``: the picture at its own resolution (decoded like for the network, EXIF
+    orientation applied) beside the same picture with the CAM heat map over it, under a caption
+    with the predicted label, its probability (the CSV's) and the class the map is for
+    (:func:`pipeline.io.overlays.explanation_panel`). The map is computed on the square network
+    input and resized straight to the picture's width x height, undoing the square squash.
+  - ``<image_id>.cam.npy``: that map, float32 in [0, 1], shape (height, width) of the picture as
+    displayed (row 0 at the top), ``numpy.load`` reads it.
 """
 
 from __future__ import annotations
@@ -37,10 +45,11 @@ from pipeline.config import Config
 from pipeline.core.imaging import resize_square
 from pipeline.core.inference import Model, cam_of, predict_batch_uint8, predicted_labels, probabilities_frame
 from pipeline.errors import DataError
+from pipeline.labels import CLASSES
 from pipeline.io.files import atomic_path
 from pipeline.io.images import list_images, load_rgb
 from pipeline.io.modelstore import load_exported
-from pipeline.io.overlays import save_overlay_png
+from pipeline.io.overlays import caption, save_cam_npy, save_explanation_png
 from pipeline.io.threads import use_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -89,19 +98,27 @@ def read_images(files: Sequence[Path], size: int) -> tuple[list[Path], np.ndarra
 
 
 def write_cams(
-    exported: Model, batch: np.ndarray, ids: Sequence[str], cam_dir: Path, alpha: float,
-    labels: np.ndarray | None = None,
+    exported: Model, files: Sequence[Path], batch: np.ndarray, ids: Sequence[str], cam_dir: Path, alpha: float,
+    labels: np.ndarray, probs: np.ndarray,
 ) -> None:
-    """One CAM overlay PNG per image for its reported label (``labels``; default the single
-    view's arg-max), each file written atomically.
+    """Per image the CAM picture ``<image_id>.png`` and the map ``<image_id>.cam.npy`` at the
+    original image's size, for its reported label (``labels``; ``probs`` the reported
+    probabilities), each file written atomically. ``batch`` holds the network inputs decoded from
+    ``files``; each file is decoded again, one at a time, for the picture.
 
     Files are added to ``cam_dir`` (other files there are left alone)."""
     cam_dir.mkdir(parents=True, exist_ok=True)
-    for i, (image_id, img) in enumerate(zip(ids, batch, strict=True)):
-        cam, _, _ = cam_of(exported, img, None if labels is None else int(labels[i]))
+    for i, (f, image_id, img) in enumerate(zip(files, ids, batch, strict=True)):
+        original = np.asarray(load_rgb(f), dtype=np.uint8)
+        label = int(labels[i])
+        cam, _, _ = cam_of(exported, img, label, original.shape[:2])
+        name = CLASSES[label]
         tmp = cam_dir / f".{image_id}.tmp.png"
-        save_overlay_png(tmp, img.transpose(1, 2, 0), cam, alpha)
+        save_explanation_png(tmp, original, cam, alpha, caption(name, float(probs[i, label]), name))
         os.replace(tmp, cam_dir / f"{image_id}.png")
+        tmp_npy = cam_dir / f".{image_id}.tmp.npy"
+        save_cam_npy(tmp_npy, cam)
+        os.replace(tmp_npy, cam_dir / f"{image_id}.cam.npy")
 
 
 def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | None = None) -> dict[str, Any]:
@@ -132,6 +149,6 @@ def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | N
         "labels": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()},
     }
     if cam_dir:
-        write_cams(exported, batch, ids, Path(cam_dir), cfg.cam.alpha, labels)
+        write_cams(exported, ok, batch, ids, Path(cam_dir), cfg.cam.alpha, labels, probs)
         summary["cam_dir"] = str(cam_dir)
     return summary
