@@ -57,6 +57,7 @@ def test_select_uses_best_epoch_and_lower_branch(tmp_path: Path, monkeypatch: py
     assert meta["best_epoch"] == 2
     assert meta["val_loss_branch1"] == pytest.approx(0.9) and meta["val_loss_branch2"] == pytest.approx(0.6)
     assert meta["image_size"] == 32 and meta["num_classes"] == 7 and len(meta["classes"]) == 7
+    assert meta["cam_map"] == [4, 4]  # 32 px through the tiny model's stride 8
     assert meta["params_train"] > meta["params_inference"] > 0
     for key in ("mean", "std", "model", "config_digest"):
         assert key in meta
@@ -146,3 +147,13 @@ def test_select_without_training_names_the_file(tmp_path: Path) -> None:
 
     with pytest.raises(PipelineError, match="best.pt"):
         run_select(tiny_cfg(tmp_path / "nothing"))
+
+
+def test_export_and_model_card_record_the_cam_map_and_the_extractor() -> None:
+    from pipeline.core.model_card import _backbone, _cam_map
+
+    assert _cam_map({"cam_map": [7, 7]}) == "7 x 7 cells"
+    assert _cam_map({}) == "an unrecorded resolution"
+    assert _backbone({"model": {"extractor": [[1, 16, 1, 1]]}}) == "extractor trained from scratch"
+    lite = {"model": {"extractor": "efficientnet_lite0"}, "pretrained": {"pretrained_sha256": "ab" * 32}}
+    assert _backbone(lite).startswith("efficientnet_lite0 extractor from ImageNet weights (sha256 abababab")

@@ -105,7 +105,8 @@ def model_card(
         "## Model",
         f"Branch {export.get('selected_branch')} selected: validation loss {_num(export.get('val_loss_branch1'), 4)} "
         f"(branch 1) vs {_num(export.get('val_loss_branch2'), 4)} (branch 2), best epoch {export.get('best_epoch')}; "
-        f"{res} x {res} px input, {export.get('params_inference')} parameters. "
+        f"{res} x {res} px input, {export.get('params_inference')} parameters, "
+        f"{_backbone(export)}; class activation maps at {_cam_map(export)}. "
         f"Inference: colour constancy {(export.get('preprocess') or {}).get('color_constancy', 'none')}, "
         f"test-time augmentation {export.get('tta', 'none')}, calibration {_calibration(export)}, decision rule "
         f"{(export.get('decision') or {}).get('rule', 'argmax')} (the evaluation above uses it; arg-max balanced "
@@ -143,3 +144,18 @@ def description(card: str, link: str) -> str:
         return card
     tail = f"\n\n... (full card: {link})\n"
     return card[: DESCRIPTION_LIMIT - len(tail)] + tail
+
+
+def _backbone(export: dict[str, Any]) -> str:
+    """The extractor family: the pretrained backbone and its weight file's sha256, or from scratch."""
+    model = export.get("model") or {}
+    name = model.get("extractor")
+    if not isinstance(name, str):
+        return "extractor trained from scratch"
+    sha = (export.get("pretrained") or {}).get("pretrained_sha256", "")
+    return f"{name} extractor from ImageNet weights (sha256 {sha[:16]}...)" if sha else f"{name} extractor"
+
+
+def _cam_map(export: dict[str, Any]) -> str:
+    hw = export.get("cam_map")
+    return f"{hw[0]} x {hw[1]} cells" if isinstance(hw, list) and len(hw) == 2 else "an unrecorded resolution"

@@ -27,8 +27,10 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.config import Config, ModelConfig
+from pipeline.core.cam import cam_map_size
 from pipeline.core.calibration import apply_calibration, calibration_meta, fit_calibration
 from pipeline.core.decision import decision_meta, fit_rule
 from pipeline.core.inference import inference_ready, predict_batch_uint8
@@ -60,6 +62,8 @@ def run_select(cfg: Config) -> dict[str, Any]:
     inf = inference_model(twin, selected - 1).eval()  # exported as trained
     meta = build_meta(best, selected, count_parameters(inf))
     meta["tta"] = cfg.select.tta
+    with torch.no_grad():  # the resolution of the explanation: CAM's feature map at the input size
+        meta["cam_map"] = list(cam_map_size(inf, int(meta["image_size"])))
     fit: dict[str, Any] = {}
     cal: dict[str, Any] = {}
     if cfg.select.decision_rule != "none" or cfg.select.calibration != "none":
