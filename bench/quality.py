@@ -119,6 +119,23 @@ def _train_baseline(model, x_train, y_train, x_val, y_val, cfg, seed: int, ds) -
     return model.eval(), [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in history]
 
 
+def cam_position(exported, images, labels) -> dict:
+    """Where the twin's class activation maps lie on the test images (HAM10000's lesions are mostly
+    centred): the mean share of each map's mass in the central box of half the width and height and
+    in the outer border (:func:`pipeline.core.cam.centre_border_mass`), and the share of images
+    whose map has more mass in the centre than in the border. A model that leans on the frame, a
+    ruler or the vignette shows up as border mass."""
+    from pipeline.core.cam import centre_border_mass
+    from pipeline.core.inference import cam_of
+
+    shares = np.array([centre_border_mass(cam_of(exported, img, int(c))[0]) for img, c in zip(images, labels, strict=True)])
+    if not len(shares):
+        return {}
+    return {"images": len(shares), "centre_mass": round(float(shares[:, 0].mean()), 4),
+            "border_mass": round(float(shares[:, 1].mean()), 4),
+            "centre_over_border": round(float((shares[:, 0] > shares[:, 1]).mean()), 4)}  # fmt: skip
+
+
 def _latency(cfg) -> float:
     """CPU batch-1 milliseconds per image of ``cfg``'s model through the whole predict path (colour
     constancy, TTA, calibration, decision rule; :func:`throughput.bench_pipeline_infer`)."""
@@ -607,6 +624,7 @@ def run_split(cfg, *, split: str, train_data: str, external, extra_sites: tuple[
         "selected_branch": metrics["selected_branch"], "seconds": round(twin_seconds, 1), "stage_seconds": times,
         "device": best["device"], "best_epoch": best["epoch"], "calibration": exported.meta.get("calibration"),
         "train_minutes": round(times["train"] / 60, 1), "predict_ms_b1": _latency(cfg),
+        "cam_map": exported.meta.get("cam_map"), "cam_position": cam_position(exported, x_te, twin_pred),
         # every epoch's losses and seconds: a run stopped later still says how its twin trained
         "history": json.loads((layout.train_dir / "history.json").read_text()),
     }}  # fmt: skip

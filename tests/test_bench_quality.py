@@ -406,3 +406,31 @@ def test_min_recall_is_the_worst_present_class_and_baselines_are_checked(capsys)
     assert quality.min_recall([[0, 0], [0, 0]]) is None
     with pytest.raises(SystemExit):
         quality.main(["--baselines", "resnet", "--data", str(ROOT / "nowhere"), "--splits", "holdout"])
+
+
+def test_cam_position_reports_centre_and_border_mass():
+    """A hand-built model whose map fires on red: a red patch in the middle puts the map's mass in
+    the centre, one in a corner puts it on the border."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from pipeline.core.model import Branch, InferenceModel
+
+    head = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.ReLU())
+    branch = Branch(nn.Identity(), head, 4, 2, 0.0)
+    with torch.no_grad():
+        head[0].weight.zero_()
+        head[0].weight[0, 0] = 1.0  # red ...
+        head[0].weight[0, 1] = -1.0  # ... minus green
+        branch.classifier.weight.zero_()
+        branch.classifier.weight[0, 0] = 5.0
+    exported = SimpleNamespace(model=InferenceModel(nn.AvgPool2d(2), branch).eval(), meta={})
+    images = np.zeros((2, 3, 32, 32), np.uint8)
+    images[0, 0, 12:20, 12:20] = 255  # red in the middle
+    images[1, 0, :6, :6] = 255  # red in a corner
+    centre = quality.cam_position(exported, images[:1], [0])
+    corner = quality.cam_position(exported, images[1:], [0])
+    assert centre["images"] == 1 and centre["centre_over_border"] == 1.0 and centre["centre_mass"] > 0.8
+    assert corner["centre_over_border"] == 0.0 and corner["border_mass"] > 0.5
