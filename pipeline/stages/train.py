@@ -149,7 +149,7 @@ def _run(cfg: Config, dist: Dist) -> dict[str, Any]:
             log.info("resuming from %s after epoch %d of %d", last_path, start_epoch, tc.epochs)
     elif dist.is_main:
         layout.train_dir.mkdir(parents=True, exist_ok=True)
-        log.info("training from scratch: %d epochs, %s, world size %d", tc.epochs, ds.describe(), dist.world)
+        log.info("training from the first epoch: %d epochs, %s, world size %d", tc.epochs, ds.describe(), dist.world)
     dist.barrier()
 
     model: torch.nn.Module = twin.train()
