@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cam import TINY
 
-from pipeline.config import ModelConfig
 from pipeline.core.cam import (
     cam_for,
     cam_map_size,
@@ -25,13 +25,6 @@ from pipeline.core.cam import (
 from pipeline.core.model import build_inference
 from pipeline.io.overlays import caption, explanation_panel
 
-TINY = ModelConfig(
-    stem_channels=8,
-    extractor=[(1, 8, 1, 1), (2, 12, 1, 2)],
-    branch=[(2, 16, 1, 2)],
-    head_channels=16,
-    discriminator_hidden=8,
-)
 
 
 def _disc_mask(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
