@@ -195,6 +195,7 @@ def test_serving_threads_travel_with_the_logged_model_and_set_the_loading_proces
 
     import mlflow.pyfunc
 
+    from pipeline.io.model_files import write_embedded
     from pipeline.io.pyfunc import SERVING_FILE, encode_png, save_model
     from pipeline.stages.predict import run_predict
 
@@ -212,6 +213,9 @@ def test_serving_threads_travel_with_the_logged_model_and_set_the_loading_proces
         # a model logged before the knob (serving.json with batch_size only) leaves torch's threads alone
         torch.set_num_threads(2)
         serving.write_text(json.dumps({"batch_size": 8}) + "\n")
+        with pytest.raises(DataError, match="data/export/serving.json: changed"):  # the loader checks its files
+            mlflow.pyfunc.load_model(str(tmp_path / "m1"))
+        write_embedded(tmp_path / "m1")  # as such a model would have been logged
         mlflow.pyfunc.load_model(str(tmp_path / "m1"))
         assert torch.get_num_threads() == 2
 

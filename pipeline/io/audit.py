@@ -13,8 +13,16 @@ model version) -- nothing is taken from the local run folder, which an auditor m
 * **ingest / validation / pairs** -- the logged ingest summary (near-duplicate joins of the split;
   runs tracked before it existed have neither the file nor its tag), validation result and pair
   summary have the digests of their tags;
+* **model files** -- every file of the registered model (``MLmodel``, code bundle, export,
+  ``pytorch/model.pt2``, requirements and environment files, input example) against
+  ``lineage/model_files.json``, whose sha256 is the run tag and the version tag
+  ``skin_twin.model_files_digest`` (:mod:`pipeline.io.model_files`): a FAIL line for each file
+  changed, missing or added;
 * **model** -- the registered version's weights have the sha256 its ``config.json`` records, which is
   the sha256 the run tagged at tracking time (the registry serves what was trained).
+
+A file that should be JSON and is not (a tampered index, manifest or ``config.json``) is a FAIL
+line, never a crash.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.core.lineage import ARTIFACT_INDEX, GATE_INDEX, MANIFESTS, SPLIT_CONTEXT, TAG, content_digest
+from pipeline.errors import DataError, PipelineError
+from pipeline.io import model_files
 from pipeline.io.digests import file_sha256
 from pipeline.io.provenance import dataset_digest
 
@@ -46,10 +56,39 @@ def _index(root: Path, index_path: str, expected: str | None, label: str) -> lis
         return [_check(label, False, f"{index_path} is missing from the run's artifacts")]
     actual = file_sha256(path)
     out = [_check(label, actual == expected, f"{index_path} sha256 {_short(actual)} vs tag {_short(expected)}")]
-    for rel, recorded in sorted(json.loads(path.read_text(encoding="utf-8")).items()):
+    try:
+        index = model_files.parse(path.read_bytes(), index_path)  # same shape: path -> sha256
+    except DataError as exc:
+        return [*out, _check(f"{label} content", False, str(exc))]
+    for rel, recorded in sorted(index.items()):
         now = file_sha256(root / rel)
         detail = "missing" if now is None else f"sha256 {_short(now)} vs recorded {_short(recorded)}"
         out.append(_check(f"artifact {rel}", now == recorded, detail))
+    return out
+
+
+def _model_files(root: Path, model_dir: Path, version: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """Every file of the registered model against ``lineage/model_files.json``, whose sha256 is the
+    run tag and the version tag ``skin_twin.model_files_digest``: one FAIL line per file changed,
+    missing or added; one line for all that match."""
+    rel = model_files.MANIFEST_ARTIFACT
+    vtag = (version.tags or {}).get(model_files.DIGEST_TAG)
+    rtag = tags.get(model_files.DIGEST_TAG)
+    path = root / rel
+    if not path.is_file():
+        return [_check("model file manifest", False, f"{rel} is missing from the run's artifacts "
+                       f"(version tag {_short(vtag)}, run tag {_short(rtag)})")]  # fmt: skip
+    actual = file_sha256(path)
+    out = [_check("model file manifest", actual is not None and actual == vtag == rtag,
+                  f"{rel} sha256 {_short(actual)} vs version tag {_short(vtag)}, run tag {_short(rtag)}")]  # fmt: skip
+    try:
+        expected = model_files.parse(path.read_bytes(), rel)
+    except DataError as exc:
+        return [*out, _check("model file manifest content", False, str(exc))]
+    diff = model_files.differences(expected, model_files.hash_tree(model_dir))
+    out += [_check(f"model file {name}", False, why) for name, why in diff]
+    if not diff:
+        out.append(_check("model files", True, f"all {len(expected)} files of the registered model match {rel}"))
     return out
 
 
@@ -69,12 +108,15 @@ def verify(client: Any, version: Any, run: Any, chain: dict[str, Any], workdir: 
             checks.append(_check(f"manifest {split}", False, f"{MANIFESTS}/{split}.csv is missing"))
             continue
         sha = file_sha256(csv)
-        content = content_digest(pd.read_csv(csv, dtype=str, keep_default_na=False))
+        try:
+            content = content_digest(pd.read_csv(csv, dtype=str, keep_default_na=False))
+        except (ValueError, UnicodeDecodeError, PipelineError) as exc:  # a tampered file: a FAIL line, not a crash
+            content = f"unreadable ({' '.join(str(exc).split())[:120]})"
         expected = entry.get("tag_digest")
         checks.append(_check(f"manifest {split} file", sha == entry.get("manifest_sha256"),
                              f"sha256 {_short(sha)} vs tag {_short(entry.get('manifest_sha256'))}"))  # fmt: skip
         checks.append(_check(f"manifest {split} content", content == expected,
-                             f"content digest {_short(content)} vs tag {_short(expected)}"))  # fmt: skip
+                             f"content digest {content if content.startswith('unreadable') else _short(content)} vs tag {_short(expected)}"))  # fmt: skip
         source = entry.get("source")
         own = bool(source) and f"{MANIFESTS}/{split}.csv" in str(source) and run.info.run_id in str(source)
         want = dataset_digest(expected or "", source or "")
@@ -90,9 +132,15 @@ def verify(client: Any, version: Any, run: Any, chain: dict[str, Any], workdir: 
 
     model_dir = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(workdir / "model")))  # fmt: skip
+    checks += _model_files(root, model_dir, version, tags)
     config = model_dir / "data" / "export" / "config.json"
     weights = model_dir / "data" / "export" / "weights.pt"
-    recorded = json.loads(config.read_text(encoding="utf-8")).get("weights_sha256") if config.is_file() else None
+    try:
+        meta = json.loads(config.read_bytes()) if config.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        checks.append(_check("registered config.json", False, f"data/export/config.json is not valid JSON ({exc})"))
+        meta = {}
+    recorded = meta.get("weights_sha256") if isinstance(meta, dict) else None
     served = file_sha256(weights)
     tracked = tags.get(f"{TAG}export.weights_sha256")
     checks.append(_check("registered weights", served is not None and served == recorded == tracked,

@@ -13,7 +13,9 @@
     folder predicts with ``predict``, ``evaluate`` and the gate. Colour constancy, TTA, calibration and
     the decision rule come from the export's ``config.json``, never from the serving side's params. The export
     folder (``weights.pt``, ``config.json``, ``model.ts``) travels inside the MLflow model under
-    ``data/export`` and the ``pipeline`` package under ``code/``; no pickled Python objects.
+    ``data/export`` and, under ``code/pipeline``, the part of the ``pipeline`` package that inference
+imports (:func:`stage_bundle`); no pickled Python objects. ``skin_twin_files.json`` holds the sha256
+of every file below ``code/``, ``data/`` and ``pytorch/``; the loader checks itself against it.
 ``pytorch``
     ``mlflow.pytorch.load_model(uri)`` gives the inference network (extractor + selected
     branch) as a ``torch.export`` program (``pytorch/model.pt2``, the pickle-free "pt2" format):
@@ -44,6 +46,7 @@ from PIL import Image
 
 from pipeline.core.inference import predict_proba, predicted_labels
 from pipeline.io.images import decode_image
+from pipeline.io.model_files import verify_embedded, write_embedded
 from pipeline.io.modelstore import load_exported
 from pipeline.io.threads import use_cpu_threads
 from pipeline.labels import CLASSES
@@ -126,7 +129,14 @@ class SkinTwinClassifier:
 
 
 def _load_pyfunc(data_path: str) -> SkinTwinClassifier:
-    """MLflow's entry point for the ``python_function`` flavour (``loader_module``)."""
+    """MLflow's entry point for the ``python_function`` flavour (``loader_module``).
+
+    First checks the model folder against its own file manifest (``skin_twin_files.json``: code bundle,
+    export, pt2), so a serving host that loads the folder directly refuses a changed, missing or
+    added file (:class:`~pipeline.errors.DataError` naming it) before any weights or TorchScript are
+    read. MLflow has imported this module from the bundle by then: to check the bundle *before*
+    that import, load through :func:`pipeline.io.registry.load_pyfunc`."""
+    verify_embedded(Path(data_path).resolve().parents[1])
     serving = json.loads((Path(data_path) / SERVING_FILE).read_text(encoding="utf-8"))
     # models logged before cpu_threads existed have only batch_size: torch's default threads
     return SkinTwinClassifier(data_path, int(serving["batch_size"]), int(serving.get("cpu_threads", 0)))
@@ -176,6 +186,20 @@ def _export_pt2(export_dir: Path, target: Path) -> None:
     torch.export.save(program, str(target))
 
 
+def stage_bundle(target: Path) -> Path:
+    """A copy of the ``pipeline`` package below ``target`` holding only what inference imports: the
+    import closure of this module (:func:`pipeline.io.imports.bundle_files`, the reader that gives
+    ``dvc.yaml`` its code dependencies). Returns the package folder, MLflow's ``code_paths`` entry."""
+    from pipeline.io.imports import PACKAGE_DIR, bundle_files
+
+    package = target / PACKAGE_DIR.name
+    for f in bundle_files(__name__):
+        dest = package / f.relative_to(PACKAGE_DIR)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+    return package
+
+
 def save_model(
     path: str | Path, export_dir: str | Path, batch_size: int, mlflow_model: Any = None, cpu_threads: int = 0,
     **kwargs: Any,
@@ -200,10 +224,10 @@ def save_model(
     kwargs.setdefault("signature", signature(size))
     kwargs.setdefault("input_example", input_example(size))
     kwargs.setdefault("pip_requirements", pip_requirements())
-    kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parents[1])])  # the pipeline package
     path = Path(path)
     # MLflow copies data_path to data/<basename>: stage the export under the fixed name "export".
     with tempfile.TemporaryDirectory() as tmp:
+        kwargs.setdefault("code_paths", [str(stage_bundle(Path(tmp) / "code"))])
         staged = Path(tmp) / EXPORT_SUBDIR
         shutil.copytree(export_dir, staged, ignore=shutil.ignore_patterns(".*", "__pycache__"))
         serving = {"batch_size": int(batch_size), "cpu_threads": int(cpu_threads)}
@@ -231,6 +255,7 @@ def save_model(
     # drop bytecode copied with the code path
     for pycache in path.rglob("__pycache__"):
         shutil.rmtree(pycache, ignore_errors=True)
+    write_embedded(path)  # last: what the loader checks its own folder against
 
 
 def log_model(export_dir: str | Path, batch_size: int, *, cpu_threads: int, name: str = "model", **kwargs: Any):

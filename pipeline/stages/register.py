@@ -8,7 +8,9 @@ After ``track``:
 2. **Gate.** Scores the challenger and the current ``champion`` on the *same* test manifest, this
    run's test split (``data/augmented/manifest.parquet``), with
    :func:`pipeline.io.scoring.score_model`; both models are downloaded from the registry, so what
-   is scored is exactly what the aliases point at. :func:`pipeline.core.gate.gate_decision` promotes the challenger
+   is scored is exactly what the aliases point at, and each is checked file by file against its
+   version's file manifest (tag ``skin_twin.model_files_digest``, set here from the run's) before
+   anything of it is loaded: a changed, missing or added file fails the stage naming it. :func:`pipeline.core.gate.gate_decision` promotes the challenger
    (``champion`` moves to it) only when its balanced accuracy is at least the champion's plus
    ``registry.margin`` (with margin 0, a tie promotes the newer model) and reaches ``registry.floor``;
    with no champion yet, the floor alone decides.
@@ -42,6 +44,7 @@ from pipeline.io.digests import file_sha256
 from pipeline.io.files import read_json_object, write_json, write_text
 from pipeline.io.locks import gate_lock
 from pipeline.io.manifests import read_parquet, split_rows
+from pipeline.io.model_files import DIGEST_TAG
 from pipeline.io.mlflow_service import client_for, redact, resolve_tracking_uri
 from pipeline.io.modelstore import load_exported
 from pipeline.io.provenance import split_manifest
@@ -52,6 +55,7 @@ from pipeline.io.registry import (
     download_version,
     find_or_register,
     get_aliases,
+    record_model_files,
     restore_aliases,
 )
 from pipeline.io.reports import render_run_report
@@ -109,6 +113,14 @@ def _gate(client: Any, cfg: Config, record: dict[str, Any], layout: Layout, test
     try:
         version = find_or_register(client, name, record)
         v = str(version.version)
+        # the file manifest's digest on the version: download_version checks every file against it
+        # before anything of the model is loaded (the challenger here, the champion below)
+        if not (version.tags or {}).get(DIGEST_TAG):
+            digest = client.get_run(record["run_id"]).data.tags.get(DIGEST_TAG)
+            if not digest:  # tracked before model manifests existed: hash what the store holds now
+                digest = record_model_files(client, record["run_id"], record["model_uri"])
+            client.set_model_version_tag(name, v, DIGEST_TAG, digest)
+            version = client.get_model_version(name, v)
         client.set_registered_model_alias(name, CHALLENGER, v)
 
         challenger_ba = score_export(download_version(client, version, cfg), test, layout, cfg)

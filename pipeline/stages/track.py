@@ -22,7 +22,9 @@ What one run holds (:func:`run_track`)
       (the one-page report: metrics table, plots embedded as base64, validation status, pairs
       summary, lineage tags; also written to ``reports/run_report.html``).
     * **model**: ``model`` — one MLflow 3 LoggedModel with a ``pytorch`` flavour (pt2) and a
-      ``python_function`` flavour taking uint8 images (:mod:`pipeline.io.pyfunc`).
+      ``python_function`` flavour taking uint8 images (:mod:`pipeline.io.pyfunc`); the sha256 of
+      every file of it as uploaded in ``lineage/model_files.json``, that file's sha256 as the tag
+      ``skin_twin.model_files_digest`` (:mod:`pipeline.io.model_files`).
 
 Idempotence
     ``reports/mlflow.json`` (:attr:`Layout.tracking_record`) names the run. A re-run with the same
@@ -54,6 +56,8 @@ from pipeline.io import provenance, pyfunc
 from pipeline.io.digests import file_sha256, path_sha256
 from pipeline.io.files import read_json_object, write_json, write_text
 from pipeline.io.mlflow_service import client_for, ensure_experiment, manifest_source, redact, resolve_tracking_uri
+from pipeline.io.model_files import DIGEST_TAG
+from pipeline.io.registry import record_model_files
 from pipeline.io.reports import render_run_report, training_curves
 from pipeline.layout import Layout
 
@@ -266,6 +270,11 @@ def run_track(
                     metadata={"export_digest": export_digest, "config_digest": digest},
                 )
                 model_id = info.model_id
+            # every file of the model as uploaded -> lineage/model_files.json + run tag (what predict,
+            # the gate and `lineage --verify` check a downloaded version against)
+            files_digest = existing.data.tags.get(DIGEST_TAG) if model_id == record.get("model_id") else None
+            if not files_digest:
+                files_digest = record_model_files(client, run_id, f"models:/{model_id}")
 
         timings["total"] = round(time.perf_counter() - t_all, 4)
         client.log_batch(
@@ -282,6 +291,7 @@ def run_track(
         "export_digest": export_digest,
         "model_id": model_id,
         "model_uri": f"models:/{model_id}",
+        "model_files_digest": files_digest,
         "run_model_uri": f"runs:/{run_id}/{MODEL_NAME}",
         "reused_run": reused,
         "timings": timings,
