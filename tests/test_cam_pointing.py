@@ -132,6 +132,11 @@ def test_explanation_panel_layout() -> None:
 #   64 px, stride 32 (the default: 2x2 map)           pointing 0.06, mass inside 0.18 (flat: 0.18)
 #   64 px, last branch row stride 1 (stride 16, 4x4)  pointing 0.15, mass inside 0.20
 #   128 px, stride 32 (4x4)                           pointing 0.44, mass inside 0.29
+#   EfficientNet-Lite0 backbone, 112 px, stride 16 (7x7), 3 epochs, 24 images per class:
+#                                                     pointing 0.39 (test), 0.40 (val + test, 45
+#                                                     images); its maps cover the lesion but peak
+#                                                     at the bottom / right edge; the mean of the
+#                                                     maps of the 4 flips (flipped back) 0.60
 # so the >= 90 % check is an expected failure until the model side gives a finer, better-placed map
 # (strict: it reports when it starts to pass, so the marker comes off then).
 POINTING_OVERRIDES: dict[str, object] = {
