@@ -190,8 +190,8 @@ def test_end_to_end_on_tiny_synthetic_data(tmp_path: Path, capsys):
     write_dataset(tmp_path / "isic", SyntheticConfig(
         images_per_class=2, image_size=40, class_counts={c: 0 for c in CLASSES if c not in ("nv", "mel", "bkl")}), seed=3)
     out = tmp_path / "quality.json"
-    tiny = ["pairs.epochs=1", "train.epochs=1", "pairs.batch_size=16", "train.batch_size=16", "validate.workers=1",
-            "augment.workers=1", "augment.image_size=32", "train.cache_workers=1", "evaluate.cache_workers=1",
+    tiny = ["pairs.epochs=1", "train.epochs=1", "train.warmup_epochs=0", "pairs.batch_size=16", "train.batch_size=16",
+            "validate.workers=1", "augment.workers=1", "augment.image_size=32", "train.cache_workers=1", "evaluate.cache_workers=1",
             "augment.max_copies=2"]
     args = ["--data", str(tmp_path / "ham"), "--external", str(tmp_path / "ext"), "--isic", str(tmp_path / "isic"),
             "--with-isic", "--holdout", "synthetic_2", "--quick", "--work", str(tmp_path / "work"), "--out", str(out)]
