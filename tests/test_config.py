@@ -254,3 +254,14 @@ def test_params_real_loads_with_its_own_registry_name() -> None:
 def test_marked_keys_follow_nesting() -> None:
     text = "a:\n  b: 1  # real: x\n  c:\n    d: 2 # real: y\ne: 3\n"
     assert _marked_keys(text) == {"a.b", "a.c.d"}
+
+
+def test_console_script_has_the_same_subcommands_as_python_m_pipeline() -> None:
+    """``skin-twin <stage>`` (pyproject's [project.scripts]) is ``python -m pipeline <stage>``."""
+    script = Path(sys.executable).parent / "skin-twin"
+    if not script.is_file():
+        pytest.skip(f"{script} not installed (make setup installs it)")
+    a = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    b = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, check=True).stdout
+    assert a.startswith("usage: skin-twin") and b.startswith("usage: python -m pipeline")
+    assert a.split("\n", 1)[1] == b.split("\n", 1)[1]

@@ -28,7 +28,8 @@ STAGES: dict[str, table.Stage] = table.BY_NAME
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline",
+        # the console script `skin-twin` or `python -m pipeline`: the same subcommands
+        prog="skin-twin" if sys.argv[0].endswith("skin-twin") else "python -m pipeline",
         description="skin-twin: lightweight twin CNN for dermoscopy images, stage by stage.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
