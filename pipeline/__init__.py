@@ -1,3 +1,3 @@
 """skin-twin: an MLOps pipeline for a lightweight twin (Siamese) CNN on dermoscopy images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the release; CHANGELOG.md has what each one changed

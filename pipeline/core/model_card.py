@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline import __version__
+
 from pipeline.labels import CLASSES
 
 DESCRIPTION_LIMIT = 5000  # MLflow's model-version description column
@@ -120,7 +122,7 @@ def model_card(
         f"floor {gate.get('floor')}.",
         "",
         "## Lineage",
-        f"Commit `{lineage.get('commit')}`, params `{str(lineage.get('params_digest'))[:16]}`, data "
+        f"skin-twin {__version__} (`CHANGELOG.md`), commit `{lineage.get('commit')}`, params `{str(lineage.get('params_digest'))[:16]}`, data "
         + ", ".join(f"{s} `{str(d)[:16]}`" for s, d in (lineage.get("data_digests") or {}).items())
         + ". `python -m pipeline lineage --model models:/" + f"{name}/{version} --verify` checks them.",
         "",
