@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from mlflow_server import fake_score, make_cfg, make_run
 
+import pipeline
 from pipeline.core.lineage import content_digest, format_chain
 from pipeline.io.provenance import airflow_context, dvc_lock_hashes, git_info
 
@@ -100,7 +101,8 @@ def test_lineage_chain_of_registered_version(tmp_path: Path, monkeypatch: pytest
     assert chain["model"]["model_id"] == tracked["model_id"]
     assert chain["model"]["gate"]["decision"] == "promoted"
     assert chain["run"]["run_id"] == tracked["run_id"] and chain["run"]["work_dir"] == str(work.resolve())
-    assert chain["code"] == {"commit": "feedface", "dirty": "true", "source": "env", "package_version": "0.1.0"}
+    assert chain["code"] == {"commit": "feedface", "dirty": "true", "source": "env",
+                             "package_version": pipeline.__version__}  # fmt: skip
     assert chain["params"]["digest"] == cfg.digest() and chain["params"]["values"]["augment.image_size"] == "32"
     for split in ("train", "val", "test"):
         full = content_digest(manifest[manifest["split"] == split])
