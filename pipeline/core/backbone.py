@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 as a pretrained trunk for the twin (issue 44, part 1): the network, the mapping
+"""EfficientNet-Lite0 as a pretrained trunk for the twin: the network, the mapping
 of the ImageNet weights onto it, and the split of its trunk into a shared extractor and a branch body.
 
 **Architecture source: timm's ``tf_efficientnet_lite0``** (``timm.create_model(...,
@@ -19,7 +19,7 @@ happens). Why timm and why the ``tf_`` variant:
 * Only the names differ, so the mapping is a pure renaming (:func:`map_lite0_state_dict`), checked
   strictly: every source key used once, every target key filled, every shape equal.
 
-Caveats for the twin (part 2): timm's normalisation layers are ``BatchNormAct2d`` (a
+Notes for the twin (:mod:`pipeline.core.model`): timm's normalisation layers are ``BatchNormAct2d`` (a
 :class:`~torch.nn.BatchNorm2d` subclass with the activation inside), which
 :func:`pipeline.core.model.fold_batch_norm` (``type(bn) is nn.BatchNorm2d``) leaves unfolded; the
 stride-2 convs are timm ``Conv2dSame`` (an :class:`~torch.nn.Conv2d` whose forward pads from the
@@ -51,26 +51,23 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import BACKBONE_HEAD_CHANNELS
+from pipeline.core.imaging import MEAN, STD
 from pipeline.errors import DataError
 
 ARCH = "tf_efficientnet_lite0"  # timm's name: TF "SAME" padding, BN eps 1e-3 (see the module docstring)
 
-# ImageNet normalisation of the input (RGB in [0, 1]) as the reference implementation's examples use
-# it; the mapping check and the tests feed tensors normalised this way.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# The TensorFlow Lite builder's own preprocessing ((x - 127) / 128 on 0..255 pixels; timm's
-# ``tf_efficientnet_lite0`` config says mean = std = 0.5). On matplotlib's sample photograph both
-# give the same top-1 class ("military uniform"), ImageNet's with the higher confidence.
-TF_LITE_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
-TF_LITE_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
+# ImageNet normalisation of the input (RGB in [0, 1]): the project's own (pipeline.core.imaging), which
+# every inference path applies; the reference implementation's examples use it too.
+IMAGENET_MEAN: tuple[float, float, float] = MEAN
+IMAGENET_STD: tuple[float, float, float] = STD
 
 STEM_CHANNELS = 32
 STAGE_CHANNELS: tuple[int, ...] = (16, 24, 40, 80, 112, 192, 320)
 STAGE_STRIDES: tuple[int, ...] = (1, 2, 2, 2, 1, 2, 1)
 STAGE_REPEATS: tuple[int, ...] = (1, 2, 2, 3, 3, 4, 1)
 NUM_STAGES = len(STAGE_CHANNELS)
-HEAD_CHANNELS = 1280
+HEAD_CHANNELS = BACKBONE_HEAD_CHANNELS
 NUM_IMAGENET_CLASSES = 1000
 WEIGHT_TENSORS = 296  # entries of the efficientnet_pytorch-named state dict (num_batches_tracked included)
 

@@ -32,7 +32,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,12 +44,12 @@ from pipeline.config import Config
 from pipeline.core.imaging import resize_square
 from pipeline.core.inference import Model, cam_of, predict_batch_uint8, predicted_labels, probabilities_frame
 from pipeline.errors import DataError
-from pipeline.labels import CLASSES
 from pipeline.io.files import atomic_path
 from pipeline.io.images import list_images, load_rgb
 from pipeline.io.modelstore import load_exported
 from pipeline.io.overlays import caption, save_cam_npy, save_explanation_png
 from pipeline.io.threads import use_cpu_threads
+from pipeline.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +112,10 @@ def write_cams(
         label = int(labels[i])
         cam, _, _ = cam_of(exported, img, label, original.shape[:2])
         name = CLASSES[label]
-        tmp = cam_dir / f".{image_id}.tmp.png"
-        save_explanation_png(tmp, original, cam, alpha, caption(name, float(probs[i, label]), name))
-        os.replace(tmp, cam_dir / f"{image_id}.png")
-        tmp_npy = cam_dir / f".{image_id}.tmp.npy"
-        save_cam_npy(tmp_npy, cam)
-        os.replace(tmp_npy, cam_dir / f"{image_id}.cam.npy")
+        with atomic_path(cam_dir / f"{image_id}.png") as tmp:
+            save_explanation_png(tmp, original, cam, alpha, caption(name, float(probs[i, label]), name))
+        with atomic_path(cam_dir / f"{image_id}.cam.npy") as tmp:
+            save_cam_npy(tmp, cam)
 
 
 def run_predict(cfg: Config, model: str, images: str, out: str, cam_dir: str | None = None) -> dict[str, Any]:
