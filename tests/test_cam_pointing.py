@@ -212,8 +212,9 @@ def test_pointing_game_fails_maps_that_ignore_the_image(synthetic_run) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 48: the quick-start CAM is 2x2 (64 px, stride 32) and points at a "
-                   "corner; see the measurements above")  # fmt: skip
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 48: the quick-start CAM is 2x2 (64 px, stride 32) and points at a corner; see the "
+                   "measurements above")  # fmt: skip
 def test_cam_points_at_the_lesion_on_synthetic_images(synthetic_run) -> None:
     """The pointing game: for correctly classified synthetic val + test images, the CAM maximum
     lies inside the lesion mask in >= 90 % of them, with more map mass on the lesion than a flat map."""

@@ -91,10 +91,14 @@ def differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[
 def require_match(folder: str | Path, expected: Mapping[str, str], what: str,
                   under: Iterable[str] | None = None) -> None:  # fmt: skip
     """Raise :class:`DataError` naming every file of ``folder`` that differs from ``expected``."""
-    diff = differences(expected, hash_tree(folder, under))
+    _refuse_differences(differences(expected, hash_tree(folder, under)), what, "the model file manifest")
+
+
+def _refuse_differences(diff: list[tuple[str, str]], what: str, against: str) -> None:
+    """:class:`DataError` listing up to ten differing files, when there are any."""
     if diff:
         listed = "; ".join(f"{rel}: {why}" for rel, why in diff[:10]) + (f"; ... {len(diff) - 10} more" if len(diff) > 10 else "")
-        raise DataError(f"{what}: {len(diff)} file(s) differ from the model file manifest, refusing to load it: {listed}")
+        raise DataError(f"{what}: {len(diff)} file(s) differ from {against}, refusing to load it: {listed}")
 
 
 def write_embedded(model_dir: str | Path) -> dict[str, str]:
@@ -113,7 +117,4 @@ def verify_embedded(model_dir: str | Path) -> None:
         raise DataError(f"{model_dir}: no {EMBEDDED} (a skin-twin model logged without its file manifest); refusing to load it")
     expected = parse(path.read_bytes(), str(path))
     actual = {k: v for k, v in hash_tree(model_dir, EMBEDDED_DIRS).items() if "/__pycache__/" not in f"/{k}"}
-    diff = differences(expected, actual)
-    if diff:
-        listed = "; ".join(f"{rel}: {why}" for rel, why in diff[:10])
-        raise DataError(f"{model_dir}: {len(diff)} file(s) differ from {EMBEDDED}, refusing to load it: {listed}")
+    _refuse_differences(differences(expected, actual), str(model_dir), EMBEDDED)
